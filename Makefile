@@ -1,0 +1,57 @@
+# The two commands a newcomer needs: `make run` and `make test`.
+# Both create .venv and install the project (with dev extras) when missing.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+LISTEN ?= 127.0.0.1:50051
+METRICS_LISTEN ?= 127.0.0.1:9464
+
+.PHONY: run test check lint format typecheck proto proto-check pytest emulator clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+## run: start the server on the embedded ECS emulator at 127.0.0.1:50051
+run: $(STAMP)
+	$(BIN)/imageshare-server --emulator --listen $(LISTEN) --metrics-listen $(METRICS_LISTEN)
+
+## emulator: start only the ECS emulator (demo data) at 127.0.0.1:8080
+emulator: $(STAMP)
+	$(BIN)/imageshare-emulator --listen 127.0.0.1:8080
+
+## test: every check CI runs: lint, types, generated code, the test suite
+test: check pytest
+
+check: lint typecheck proto-check
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+## proto: regenerate the Python stubs from protos/
+proto: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH PYTHON=$(CURDIR)/$(BIN)/python scripts/gen_protos.sh
+
+## proto-check: fail when the checked-in stubs differ from what protos/ generates
+proto-check: $(STAMP)
+	@tmp=$$(mktemp -d) && \
+	PATH=$(CURDIR)/$(BIN):$$PATH PYTHON=$(CURDIR)/$(BIN)/python scripts/gen_protos.sh $$tmp >/dev/null && \
+	diff -r $$tmp/imageshare clients/python/imageshare -x __pycache__ && echo "generated code matches protos/" ; \
+	rc=$$?; rm -rf $$tmp; exit $$rc
+
+pytest: $(STAMP)
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

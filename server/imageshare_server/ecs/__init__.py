@@ -1,0 +1,1 @@
+"""The upstream ECS OpenAPI client: signing, endpoints, credentials, transport."""

@@ -1,0 +1,1 @@
+"""Metrics, logs and the gRPC server interceptor that feeds them."""

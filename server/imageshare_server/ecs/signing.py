@@ -19,7 +19,7 @@ import base64
 import hashlib
 import hmac
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from datetime import UTC, datetime
 from urllib.parse import quote
 
@@ -44,23 +44,39 @@ def utc_timestamp(now: datetime | None = None) -> str:
 
 
 def canonical_query(params: Iterable[tuple[str, str]]) -> str:
-    """Sorted, encoded ``k=v`` pairs joined by ``&``; an empty value stays ``k=``."""
-    encoded = sorted((percent_encode(k), percent_encode(v)) for k, v in params)
-    return "&".join(f"{k}={v}" for k, v in encoded)
+    """Encoded ``k=v`` pairs joined by ``&``; an empty value stays ``k=``.
 
-
-def canonical_headers(headers: Mapping[str, str]) -> tuple[str, str]:
-    """Return (canonical headers, signed header names) over the headers that V3 signs.
-
-    Header names repeated with another case are merged as ``name:v1,v2`` like the SDK does.
+    Pairs are sorted by their raw names, before encoding, as the official SDK sorts them: the
+    two orders differ once a name holds a character that needs encoding.
     """
+    return "&".join(f"{percent_encode(k)}={percent_encode(v)}" for k, v in sorted(params))
+
+
+def canonical_headers(
+    headers: Mapping[str, str] | Iterable[tuple[str, str]],
+    signed_names: Collection[str] | None = None,
+) -> tuple[str, str]:
+    """Return (canonical headers, signed header names).
+
+    A signer picks the headers V3 covers (``host``, ``content-type``, every ``x-acs-*``); a
+    verifier passes ``signed_names`` from the ``Authorization`` header instead, because the
+    official SDK signs every header it sends (``user-agent`` and ``accept`` included).
+    Header names repeated with another case are merged as ``name:v1,v2`` with the values
+    sorted, like the SDK does.
+    """
+    pairs = headers.items() if isinstance(headers, Mapping) else headers
+    wanted = None if signed_names is None else {n.lower().strip() for n in signed_names}
     merged: dict[str, list[str]] = {}
-    for name, value in headers.items():
+    for name, value in pairs:
         lname = name.lower().strip()
-        if lname in ("host", "content-type") or lname.startswith("x-acs-"):
-            merged.setdefault(lname, []).append(value.strip())
+        if wanted is None:
+            if not (lname in ("host", "content-type") or lname.startswith("x-acs-")):
+                continue
+        elif lname not in wanted:
+            continue
+        merged.setdefault(lname, []).append(value.strip())
     names = sorted(merged)
-    text = "".join(f"{n}:{','.join(merged[n])}\n" for n in names)
+    text = "".join(f"{n}:{','.join(sorted(merged[n]))}\n" for n in names)
     return text, ";".join(names)
 
 
@@ -68,11 +84,13 @@ def v3_string_to_sign(
     method: str,
     path: str,
     query: Mapping[str, str],
-    headers: Mapping[str, str],
+    headers: Mapping[str, str] | Iterable[tuple[str, str]],
     payload_hash: str,
+    *,
+    signed_names: Collection[str] | None = None,
 ) -> tuple[str, str]:
     """Return (string to sign, signed header names) for an ACS3-HMAC-SHA256 request."""
-    header_text, signed = canonical_headers(headers)
+    header_text, signed = canonical_headers(headers, signed_names)
     canonical_request = "\n".join(
         [method.upper(), path, canonical_query(query.items()), header_text, signed, payload_hash]
     )
@@ -81,7 +99,8 @@ def v3_string_to_sign(
 
 
 def v3_signature(secret: str, string_to_sign: str) -> str:
-    return hmac.new(secret.encode("utf-8"), string_to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
+    mac = hmac.new(secret.encode("utf-8"), string_to_sign.encode("utf-8"), hashlib.sha256)
+    return mac.hexdigest()
 
 
 def sign_v3(

@@ -1,0 +1,246 @@
+"""asyncio client (grpc.aio): for asyncio services that call imageshare concurrently."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+import grpc
+import grpc.aio
+from imageshare.v1 import image_share_pb2 as pb
+from imageshare.v1.image_share_pb2_grpc import ImageShareServiceStub
+
+from ._listing import (
+    Deadline,
+    ListingState,
+    RetryHook,
+    build_request,
+    empty_stream_error,
+    retry_delay,
+)
+from .channel import DEFAULT_SERVICE_CONFIG, RetryPolicy, channel_options
+from .client import DEFAULT_TIMEOUT
+from .errors import from_rpc_error
+from .models import ListingMetadata, SharedAccount, ShareList
+
+
+class AsyncShareListing:
+    """One `ListImageShares` stream for asyncio: `async for` accounts, `await start()` first
+    if you need `metadata` before iterating.
+
+    Cancelling the task that iterates cancels the RPC. Leaving an `async with` block early
+    cancels it too.
+    """
+
+    def __init__(
+        self,
+        stub: Any,
+        request: pb.ListImageSharesRequest,
+        *,
+        timeout: float | None,
+        retry: RetryPolicy,
+        metadata: Sequence[tuple[str, str]],
+        on_retry: RetryHook | None,
+    ) -> None:
+        self._stub = stub
+        self._request = request
+        self._deadline = Deadline(timeout)
+        self._retry = retry
+        self._grpc_metadata = tuple(metadata)
+        self._on_retry = on_retry
+        self._state = ListingState()
+        self._call: Any = None
+        self._first: pb.ListImageSharesResponse | None = None
+        self._iterated = False
+
+    async def start(self) -> ListingMetadata:
+        """Open the stream and wait for its first message (idempotent)."""
+        if self._state.metadata is not None:
+            return self._state.metadata
+        while True:
+            self._state.attempts += 1
+            attempt = self._state.attempts
+            remaining = self._deadline.remaining()
+            if remaining is not None and remaining <= 0:
+                raise self._deadline.expired_error(attempt - 1)
+            call = self._stub.ListImageShares(
+                self._request, timeout=remaining, metadata=self._grpc_metadata
+            )
+            self._call = call
+            try:
+                first = await call.read()
+            except grpc.aio.AioRpcError as exc:
+                error = from_rpc_error(exc, attempts=attempt)
+                delay = retry_delay(error, attempt, self._retry, self._deadline)
+                if delay is None:
+                    raise error from exc
+                if self._on_retry is not None:
+                    self._on_retry(attempt, error, delay)
+                await asyncio.sleep(delay)
+                continue
+            except asyncio.CancelledError:
+                call.cancel()
+                raise
+            if first is grpc.aio.EOF:
+                raise empty_stream_error(attempt)
+            self._first = first
+            self._state.take(first)
+            return self._state.require_metadata()
+
+    @property
+    def metadata(self) -> ListingMetadata:
+        """Listing-wide facts from the first message; `RuntimeError` before `start()`."""
+        return self._state.require_metadata()
+
+    @property
+    def upstream_request_ids(self) -> tuple[str, ...]:
+        return tuple(self._state.upstream_request_ids)
+
+    @property
+    def accounts_received(self) -> int:
+        return self._state.accounts_received
+
+    @property
+    def attempts(self) -> int:
+        return self._state.attempts
+
+    def __aiter__(self) -> AsyncIterator[SharedAccount]:
+        if self._iterated:
+            raise RuntimeError("an AsyncShareListing can be iterated only once")
+        self._iterated = True
+        return self._accounts()
+
+    async def _accounts(self) -> AsyncIterator[SharedAccount]:
+        await self.start()
+        first, self._first = self._first, None
+        if first is not None:
+            for raw in first.accounts:
+                yield SharedAccount.from_proto(raw)
+        call = self._call
+        try:
+            while True:
+                msg = await call.read()
+                if msg is grpc.aio.EOF:
+                    break
+                for account in self._state.take(msg):
+                    yield account
+        except grpc.aio.AioRpcError as exc:
+            if self._state.cancelled:
+                return
+            raise self._state.interrupted(
+                from_rpc_error(exc, attempts=self._state.attempts)
+            ) from exc
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        self._state.finished = True
+
+    async def collect(self) -> ShareList:
+        """Read the whole listing into memory."""
+        accounts = [account async for account in self]
+        return self._state.share_list(accounts)
+
+    def cancel(self) -> None:
+        """Stop the stream; the server stops paging the upstream for it."""
+        self._state.cancelled = True
+        if self._call is not None:
+            self._call.cancel()
+
+    async def __aenter__(self) -> AsyncShareListing:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self._state.finished:
+            self.cancel()
+
+
+class AsyncImageShareClient:
+    """asyncio client for `imageshare.v1.ImageShareService`; create it inside the event loop
+    that uses it, one per loop. Same defaults as `ImageShareClient`.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        service_config: Mapping[str, Any] | None = DEFAULT_SERVICE_CONFIG,
+        options: Sequence[tuple[str, Any]] = (),
+        metadata: Sequence[tuple[str, str]] = (),
+        on_retry: RetryHook | None = None,
+    ) -> None:
+        opts = channel_options(service_config, options)
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(target, options=opts)
+        else:
+            self._channel = grpc.aio.secure_channel(target, credentials, options=opts)
+        self._stub: Any = ImageShareServiceStub(self._channel)
+        self.target = target
+        self.timeout = timeout
+        self.retry = retry if retry is not None else RetryPolicy()
+        self._metadata = tuple(metadata)
+        self._on_retry = on_retry
+
+    def list_shares(
+        self,
+        region: str,
+        image: str,
+        *,
+        owner_account: str = "",
+        page_size: int = 0,
+        bypass_cache: bool = False,
+        timeout: float | None = None,
+    ) -> AsyncShareListing:
+        """Accounts `image` in `region` is shared with, as a lazy `AsyncShareListing`."""
+        return AsyncShareListing(
+            self._stub,
+            build_request(region, image, owner_account, page_size, bypass_cache),
+            timeout=self.timeout if timeout is None else timeout,
+            retry=self.retry,
+            metadata=self._metadata,
+            on_retry=self._on_retry,
+        )
+
+    async def is_shared_with(
+        self,
+        region: str,
+        image: str,
+        account_id: str,
+        *,
+        owner_account: str = "",
+        # A gRPC deadline sent to the server, which asyncio.timeout could not do.
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> bool:
+        """True when `account_id` may use the image: listed, or the image is public."""
+        async with self.list_shares(
+            region, image, owner_account=owner_account, page_size=100, timeout=timeout
+        ) as listing:
+            if (await listing.start()).is_public:
+                return True
+            async for account in listing:
+                if account.aliyun_id == account_id:
+                    return True
+            return False
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncImageShareClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

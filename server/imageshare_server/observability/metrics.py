@@ -20,7 +20,7 @@ LATENCY_BUCKETS = (
 
 UPSTREAM_REQUESTS = Counter(
     "imageshare_upstream_requests_total",
-    "Upstream OpenAPI attempts by outcome: OK, the upstream error Code, or a transport error class.",
+    "Upstream OpenAPI attempts by outcome: OK, the upstream Code, or a transport error class.",
     ["action", "region", "outcome"],
 )
 UPSTREAM_DURATION = Histogram(

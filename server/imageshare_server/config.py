@@ -1,0 +1,174 @@
+"""All server settings in one typed place.
+
+Every setting is a field of ``Settings``; its command-line flag
+(``--cache-ttl``) and environment variable (``IMAGESHARE_CACHE_TTL``) are
+derived from the field name, so the three can never drift apart. Flags win
+over the environment, the environment over defaults. The README's
+configuration table is generated from here (``imageshare-server --print-config-table``)
+and a test keeps the two equal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "IMAGESHARE_"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _opt(default: Any, help: str, *, choices: Sequence[str] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen: str = _opt(":50051", "gRPC listen address HOST:PORT (empty host: all interfaces).")
+    metrics_listen: str = _opt(
+        ":9464", "Prometheus /metrics listen address HOST:PORT; empty disables it."
+    )
+    upstream_endpoint: str = _opt(
+        "",
+        "Upstream URL for every region (the emulator, a private endpoint); empty: the official "
+        "HTTPS endpoint of the request's region.",
+    )
+    upstream_vpc: bool = _opt(False, "Use the VPC endpoints ecs-vpc.<region>.aliyuncs.com.")
+    signature_version: str = _opt(
+        "v3", "Upstream signature: v3 (ACS3-HMAC-SHA256) or v1 (HMAC-SHA1).", choices=("v3", "v1")
+    )
+    emulator: bool = _opt(
+        False, "Run the embedded ECS emulator (demo data, demo credentials) as the upstream."
+    )
+    cache_ttl: float = _opt(60.0, "Seconds a share list stays fresh in the cache; 0 disables it.")
+    connect_timeout: float = _opt(5.0, "Upstream connect timeout, seconds.")
+    read_timeout: float = _opt(10.0, "Upstream read timeout per attempt, seconds.")
+    upstream_page_size: int = _opt(100, "PageSize of upstream calls (1-100).")
+    upstream_max_attempts: int = _opt(
+        3, "Upstream attempts per page in all (first try plus retries)."
+    )
+    max_concurrent_rpcs: int = _opt(
+        1000, "Concurrent RPCs beyond which new calls get RESOURCE_EXHAUSTED at once."
+    )
+    grace_period: float = _opt(
+        20.0, "Seconds in-flight RPCs may take to finish after SIGTERM before they are cancelled."
+    )
+    log_level: str = _opt(
+        "info", "Log level.", choices=("debug", "info", "warning", "error", "critical")
+    )
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.upstream_page_size <= 100:
+            raise ValueError("upstream_page_size must be between 1 and 100")
+        if self.upstream_max_attempts < 1:
+            raise ValueError("upstream_max_attempts must be at least 1")
+        if self.cache_ttl < 0:
+            raise ValueError("cache_ttl must not be negative")
+        if self.max_concurrent_rpcs < 1:
+            raise ValueError("max_concurrent_rpcs must be at least 1")
+        for name in ("connect_timeout", "read_timeout", "grace_period"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def _convert(kind: type, raw: str, env: str) -> Any:
+    if kind is bool:
+        value = raw.strip().lower()
+        if value in _TRUE:
+            return True
+        if value in _FALSE:
+            return False
+        raise ValueError(f"{env}: expected true or false, got {raw!r}")
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"{env}: expected {kind.__name__}, got {raw!r}") from None
+
+
+_TYPES: dict[str, type] = {"bool": bool, "int": int, "float": float, "str": str}
+
+
+def _fields() -> list[tuple[dataclasses.Field[Any], type]]:
+    return [(f, _TYPES[str(f.type)]) for f in dataclasses.fields(Settings)]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imageshare-server",
+        description="gRPC service: who is a custom Alibaba Cloud ECS image shared with?",
+    )
+    for f, kind in _fields():
+        help_text = f"{f.metadata['help']} [env {env_name(f.name)}, default {f.default!r}]"
+        if kind is bool:
+            parser.add_argument(
+                flag_name(f.name),
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=help_text,
+            )
+        else:
+            parser.add_argument(
+                flag_name(f.name),
+                type=kind,
+                default=None,
+                choices=f.metadata["choices"],
+                help=help_text,
+            )
+    parser.add_argument(
+        "--print-config-table",
+        action="store_true",
+        help="Print the configuration table (Markdown) and exit.",
+    )
+    return parser
+
+
+def settings_from(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for f, kind in _fields():
+        flag_value = getattr(args, f.name)
+        if flag_value is not None:
+            values[f.name] = flag_value
+        elif env_name(f.name) in env:
+            values[f.name] = _convert(kind, env[env_name(f.name)], env_name(f.name))
+            choices = f.metadata["choices"]
+            if choices and values[f.name] not in choices:
+                raise ValueError(f"{env_name(f.name)}: expected one of {', '.join(choices)}")
+    return Settings(**values)
+
+
+def parse_settings(
+    argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
+    return settings_from(build_parser().parse_args(argv), env)
+
+
+def config_table() -> str:
+    """The README's configuration table."""
+    rows = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
+    for f, kind in _fields():
+        default = f.default if kind is not bool else str(f.default).lower()
+        rows.append(
+            f"| `{flag_name(f.name)}` | `{env_name(f.name)}` | `{default}` | {f.metadata['help']} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` with an empty host meaning all interfaces; IPv6 in brackets."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {address!r}")
+    return host.strip("[]"), int(port)

@@ -1,0 +1,97 @@
+"""Turn share chunks into response messages of the caller's page size.
+
+Upstream pages and response messages are independent: a message may take
+accounts from two upstream pages, and one upstream page may fill several
+messages.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from imageshare.v1 import image_share_pb2
+from imageshare_server.ecs.model import Account
+from imageshare_server.source import ShareChunk
+from imageshare_server.validation import ShareQuery
+
+Response = image_share_pb2.ListImageSharesResponse
+_CACHED = (image_share_pb2.CACHE_STATUS_HIT, image_share_pb2.CACHE_STATUS_STALE)
+
+
+def account_message(account: Account) -> image_share_pb2.SharedAccount:
+    message = image_share_pb2.SharedAccount(aliyun_id=account.aliyun_id)
+    if account.shared_time is not None:
+        message.shared_time.FromDatetime(account.shared_time)
+    return message
+
+
+class MessageBuilder:
+    """Accumulates chunks, emits full messages; ``finish`` sends the rest (>= 1 message)."""
+
+    def __init__(self, query: ShareQuery) -> None:
+        self._query = query
+        self._pending: list[image_share_pb2.SharedAccount] = []
+        self._request_ids: list[str] = []
+        self._groups: list[str] | None = None
+        self._total = 0
+        self._status: image_share_pb2.CacheStatus.ValueType = (
+            image_share_pb2.CACHE_STATUS_UNSPECIFIED
+        )
+        self._read_time = 0.0
+        self._sent = 0
+
+    @property
+    def messages_sent(self) -> int:
+        return self._sent
+
+    def feed(self, chunk: ShareChunk) -> Iterator[Response]:
+        if self._groups is None:
+            self._groups = list(chunk.share_groups)
+            self._status = chunk.cache_status
+            self._read_time = chunk.read_time
+        self._total = chunk.total_count
+        self._request_ids.extend(chunk.request_ids)
+        self._pending.extend(account_message(a) for a in chunk.accounts)
+        size = self._query.page_size
+        while len(self._pending) >= size:
+            batch, self._pending = self._pending[:size], self._pending[size:]
+            yield self._message(batch)
+
+    def finish(self) -> Iterator[Response]:
+        if self._pending or self._sent == 0:
+            batch, self._pending = self._pending, []
+            yield self._message(batch)
+
+    def _message(self, accounts: list[image_share_pb2.SharedAccount]) -> Response:
+        message = Response(
+            accounts=accounts,
+            total_count=self._total,
+            region_id=self._query.key.region_id,
+            image_id=self._query.key.image_id,
+            upstream_request_ids=self._request_ids,
+            cache_status=self._status,
+        )
+        self._request_ids = []
+        if self._sent == 0 and self._groups:
+            message.share_groups.extend(image_share_pb2.ShareGroup(group=g) for g in self._groups)
+        if self._read_time:
+            message.read_time.CopyFrom(_timestamp(self._read_time))
+            if self._status in _CACHED:
+                message.cache_age.CopyFrom(_age(self._read_time))
+        self._sent += 1
+        return message
+
+
+def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def _age(read_time: float) -> duration_pb2.Duration:
+    age = duration_pb2.Duration()
+    age.FromNanoseconds(max(0, int((time.time() - read_time) * 1e9)))
+    return age

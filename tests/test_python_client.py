@@ -1,0 +1,335 @@
+"""The Python client: retry/deadline/cancellation logic against a scripted gRPC server over real
+sockets, then end to end against a live `imageshare-server --emulator`."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from imageshare.v1 import image_share_pb2 as pb
+from imageshare.v1 import image_share_pb2_grpc as pb_grpc
+from imageshare_client import (
+    NO_RETRY,
+    AsyncImageShareClient,
+    CacheStatus,
+    ImageShareClient,
+    ImageShareError,
+    RetryPolicy,
+    StreamInterruptedError,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST_RETRY = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.05)
+
+
+# --- a scripted server: real gRPC over a real socket, behaviour chosen per test -------------
+
+
+@dataclass
+class Script:
+    """What the scripted server does on each call."""
+
+    fail_first: int = 0  # abort the first N calls with UNAVAILABLE before any message
+    messages: list[pb.ListImageSharesResponse] = field(default_factory=list)
+    then: Callable[[grpc.ServicerContext], None] | None = None  # after the messages
+    calls: int = 0
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def message(ids: list[str], total: int, groups: tuple[str, ...] = ()) -> pb.ListImageSharesResponse:
+    return pb.ListImageSharesResponse(
+        accounts=[pb.SharedAccount(aliyun_id=i) for i in ids],
+        share_groups=[pb.ShareGroup(group=g) for g in groups],
+        total_count=total,
+        region_id="cn-hangzhou",
+        image_id="m-test",
+        upstream_request_ids=[f"req-{ids[0]}"] if ids else [],
+        cache_status=pb.CACHE_STATUS_MISS,
+    )
+
+
+class ScriptedService(pb_grpc.ImageShareServiceServicer):
+    def __init__(self) -> None:
+        self.script = Script()
+
+    def ListImageShares(
+        self, request: pb.ListImageSharesRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ListImageSharesResponse]:
+        script = self.script
+        context.add_callback(lambda: None if context.is_active() else script.cancelled.set())
+        with script.lock:
+            script.calls += 1
+            call = script.calls
+        if call <= script.fail_first:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"scripted failure {call}")
+        yield from script.messages
+        if script.then is not None:
+            script.then(context)
+
+
+def hang_until_cancelled(context: grpc.ServicerContext) -> None:
+    deadline = time.monotonic() + 10
+    while context.is_active() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def abort_unavailable(context: grpc.ServicerContext) -> None:
+    context.abort(grpc.StatusCode.UNAVAILABLE, "connection to upstream lost")
+
+
+def abort_rich_invalid_argument(context: grpc.ServicerContext) -> None:
+    info, bad = any_pb2.Any(), any_pb2.Any()
+    info.Pack(
+        error_details_pb2.ErrorInfo(
+            reason="INVALID_REGION", domain="imageshare.v1", metadata={"requestId": "R1"}
+        )
+    )
+    bad.Pack(
+        error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field="region_id", description="bad")
+            ]
+        )
+    )
+    status = status_pb2.Status(
+        code=code_pb2.INVALID_ARGUMENT, message="region_id is malformed", details=[info, bad]
+    )
+    context.abort_with_status(rpc_status.to_status(status))
+
+
+@pytest.fixture(scope="module")
+def scripted() -> Iterator[tuple[ScriptedService, str]]:
+    service = ScriptedService()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    pb_grpc.add_ImageShareServiceServicer_to_server(service, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield service, f"127.0.0.1:{port}"
+    server.stop(grace=None)
+
+
+@pytest.fixture
+def script(scripted: tuple[ScriptedService, str]) -> Script:
+    scripted[0].script = Script()
+    return scripted[0].script
+
+
+@pytest.fixture
+def target(scripted: tuple[ScriptedService, str]) -> str:
+    return scripted[1]
+
+
+def no_channel_retry(target: str, retry: RetryPolicy = FAST_RETRY) -> ImageShareClient:
+    """The client's own retry loop alone, so that attempts can be counted exactly."""
+    return ImageShareClient(target, retry=retry, service_config=None)
+
+
+# --- pure logic ------------------------------------------------------------------------------
+
+
+def test_backoff_is_jittered_within_the_exponential_cap() -> None:
+    policy = RetryPolicy(max_attempts=5, initial_backoff=0.1, max_backoff=0.3, multiplier=2)
+    for attempt, cap in [(1, 0.1), (2, 0.2), (3, 0.3), (4, 0.3)]:
+        delays = [policy.backoff(attempt) for _ in range(200)]
+        assert all(0 <= d <= cap for d in delays)
+        assert max(delays) > cap / 2  # jitter spreads over the range
+    with pytest.raises(ValueError, match="max_attempts"):
+        RetryPolicy(max_attempts=0)
+
+
+def test_unknown_cache_status_from_a_newer_server_is_unspecified() -> None:
+    assert CacheStatus.from_proto(99) is CacheStatus.UNSPECIFIED
+    assert CacheStatus.from_proto(pb.CACHE_STATUS_HIT) is CacheStatus.HIT
+
+
+# --- retry, deadline, interruption, cancellation against the scripted server ---------------
+
+
+def test_unavailable_before_first_message_is_retried(script: Script, target: str) -> None:
+    script.fail_first = 2
+    script.messages = [message(["1", "2"], 3, ("all",)), message(["3"], 3)]
+    retries: list[tuple[int, str]] = []
+    with ImageShareClient(
+        target,
+        retry=FAST_RETRY,
+        service_config=None,
+        on_retry=lambda n, e, _: retries.append((n, e.code_name)),
+    ) as client:
+        result = client.list_shares("cn-hangzhou", "m-test").collect()
+    assert [a.aliyun_id for a in result.accounts] == ["1", "2", "3"]
+    assert result.metadata.total_count == 3
+    assert result.metadata.is_public
+    assert result.metadata.cache_status is CacheStatus.MISS
+    assert result.upstream_request_ids == ("req-1", "req-3")
+    assert retries == [(1, "UNAVAILABLE"), (2, "UNAVAILABLE")]
+    assert script.calls == 3
+
+
+def test_retries_are_bounded(script: Script, target: str) -> None:
+    script.fail_first = 100
+    with no_channel_retry(target) as client, pytest.raises(ImageShareError) as caught:
+        client.list_shares("cn-hangzhou", "m-test").start()
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    assert caught.value.attempts == FAST_RETRY.max_attempts
+    assert script.calls == FAST_RETRY.max_attempts
+
+
+def test_channel_service_config_retries_transparently(script: Script, target: str) -> None:
+    """The default service config's retryPolicy absorbs UNAVAILABLE below the client loop."""
+    script.fail_first = 2
+    script.messages = [message(["1"], 1)]
+    with ImageShareClient(target, retry=NO_RETRY) as client:
+        listing = client.list_shares("cn-hangzhou", "m-test")
+        assert [a.aliyun_id for a in listing] == ["1"]
+    assert listing.attempts == 1
+    assert script.calls == 3
+
+
+def test_other_errors_are_not_retried_and_carry_details(script: Script, target: str) -> None:
+    script.then = abort_rich_invalid_argument
+    with no_channel_retry(target) as client, pytest.raises(ImageShareError) as caught:
+        client.list_shares("cn-hangzhou", "m-test").start()
+    error = caught.value
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.message == "region_id is malformed"
+    assert error.reason == "INVALID_REGION"
+    assert error.domain == "imageshare.v1"
+    assert error.metadata == {"requestId": "R1"}
+    assert [(v.field, v.description) for v in error.field_violations] == [("region_id", "bad")]
+    assert script.calls == 1
+
+
+def test_started_stream_is_never_retried(script: Script, target: str) -> None:
+    script.messages = [message(["1", "2"], 5)]
+    script.then = abort_unavailable
+    received: list[str] = []
+    with no_channel_retry(target) as client, pytest.raises(StreamInterruptedError) as caught:
+        for account in client.list_shares("cn-hangzhou", "m-test"):
+            received.append(account.aliyun_id)
+    assert received == ["1", "2"]
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    assert caught.value.accounts_received == 2
+    assert "interrupted after 2 accounts" in str(caught.value)
+    assert script.calls == 1
+
+
+def test_deadline_covers_the_wait_for_the_first_message(script: Script, target: str) -> None:
+    script.then = hang_until_cancelled  # no message at all
+    started = time.monotonic()
+    with no_channel_retry(target) as client, pytest.raises(ImageShareError) as caught:
+        client.list_shares("cn-hangzhou", "m-test", timeout=0.3).start()
+    assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 3
+    assert script.calls == 1
+
+
+def test_nothing_listening_fails_unavailable_after_bounded_attempts() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again when the block ends: nothing listens
+    seen: list[int] = []
+    with (
+        ImageShareClient(
+            f"127.0.0.1:{port}", retry=FAST_RETRY, on_retry=lambda n, _e, _d: seen.append(n)
+        ) as client,
+        pytest.raises(ImageShareError) as caught,
+    ):
+        client.list_shares("cn-hangzhou", "m-test").start()
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    assert caught.value.attempts == 3
+    assert seen == [1, 2]
+
+
+def test_cancel_reaches_the_server(script: Script, target: str) -> None:
+    script.messages = [message(["1"], 2)]
+    script.then = hang_until_cancelled
+    with no_channel_retry(target) as client:
+        listing = client.list_shares("cn-hangzhou", "m-test")
+        with listing:
+            assert next(iter(listing)).aliyun_id == "1"
+        # leaving the block with the stream unfinished cancelled it
+        assert not script.cancelled.is_set() or listing.accounts_received == 1
+    assert script.cancelled.wait(5)
+
+
+def test_is_shared_with_stops_reading_once_it_knows(script: Script, target: str) -> None:
+    script.messages = [message(["1"], 3), message(["2"], 3)]
+    script.then = hang_until_cancelled
+    with no_channel_retry(target) as client:
+        assert client.is_shared_with("cn-hangzhou", "m-test", "2")
+    assert script.cancelled.wait(5)
+
+
+def test_is_shared_with_public_image(script: Script, target: str) -> None:
+    script.messages = [message([], 0, ("all",))]
+    with no_channel_retry(target) as client:
+        assert client.is_shared_with("cn-hangzhou", "m-test", "anyone")
+
+
+def test_is_shared_with_false_when_absent(script: Script, target: str) -> None:
+    script.messages = [message(["1"], 2), message(["2"], 2)]
+    with no_channel_retry(target) as client:
+        assert not client.is_shared_with("cn-hangzhou", "m-test", "3")
+
+
+async def test_async_retry_then_stream(script: Script, target: str) -> None:
+    script.fail_first = 1
+    script.messages = [message(["1"], 2, ("all",)), message(["2"], 2)]
+    async with AsyncImageShareClient(target, retry=FAST_RETRY, service_config=None) as client:
+        listing = client.list_shares("cn-hangzhou", "m-test")
+        with pytest.raises(RuntimeError, match="not started"):
+            _ = listing.metadata
+        meta = await listing.start()
+        assert meta.share_groups == ("all",)
+        assert [a.aliyun_id async for a in listing] == ["1", "2"]
+        assert listing.attempts == 2
+        assert listing.upstream_request_ids == ("req-1", "req-2")
+
+
+async def test_async_started_stream_fails_clearly(script: Script, target: str) -> None:
+    script.messages = [message(["1"], 5)]
+    script.then = abort_unavailable
+    async with AsyncImageShareClient(target, retry=FAST_RETRY, service_config=None) as client:
+        with pytest.raises(StreamInterruptedError) as caught:
+            await client.list_shares("cn-hangzhou", "m-test").collect()
+    assert caught.value.accounts_received == 1
+    assert script.calls == 1
+
+
+async def test_async_task_cancellation_cancels_the_rpc(script: Script, target: str) -> None:
+    script.messages = [message(["1"], 2)]
+    script.then = hang_until_cancelled
+    first = asyncio.Event()
+
+    async def consume(client: AsyncImageShareClient) -> None:
+        async for _ in client.list_shares("cn-hangzhou", "m-test"):
+            first.set()
+
+    async with AsyncImageShareClient(target, retry=NO_RETRY) as client:
+        task = asyncio.create_task(consume(client))
+        await asyncio.wait_for(first.wait(), 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert await asyncio.to_thread(script.cancelled.wait, 5)
+
+
+async def test_async_deadline(script: Script, target: str) -> None:
+    script.then = hang_until_cancelled
+    async with AsyncImageShareClient(target, retry=FAST_RETRY, service_config=None) as client:
+        with pytest.raises(ImageShareError) as caught:
+            await client.list_shares("cn-hangzhou", "m-test", timeout=0.3).collect()
+    assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED

@@ -1,0 +1,426 @@
+"""gRPC server metrics with go-grpc-middleware's names, labels and label values.
+
+Fleet dashboards and alerts written for Go services query
+``grpc_server_started_total``, ``grpc_server_handled_total{grpc_code}``,
+``grpc_server_msg_{received,sent}_total`` and ``grpc_server_handling_seconds``
+with ``grpc_type``/``grpc_service``/``grpc_method`` labels and Go's spelling of
+status codes. py-grpc-prometheus spells them differently and only has a sync
+interceptor, hence this one for ``grpc.aio``.
+
+The same interceptor writes the one JSON log line per RPC: both need the
+final status code, and working it out once keeps them in agreement.
+
+Semantics follow go-grpc-middleware v1: ``started`` when the handler is
+entered, ``handled`` and the histogram when it finishes; a unary request is
+one received message, a unary response one sent message only when the call
+ends ``OK`` (a non-OK status discards it). Calls to unknown methods never reach
+a handler and are not counted, which also keeps caller-chosen method names out
+of the label values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from typing import Any
+
+import grpc
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+
+from imageshare_server.observability.logging import bind_rpc_log_fields
+from imageshare_server.observability.metrics import LATENCY_BUCKETS
+
+__all__ = ["GO_CODE_NAMES", "SERVER_FAULT_CODES", "GrpcMetricsInterceptor"]
+
+GO_CODE_NAMES: dict[grpc.StatusCode, str] = {
+    grpc.StatusCode.OK: "OK",
+    grpc.StatusCode.CANCELLED: "Canceled",
+    grpc.StatusCode.UNKNOWN: "Unknown",
+    grpc.StatusCode.INVALID_ARGUMENT: "InvalidArgument",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "DeadlineExceeded",
+    grpc.StatusCode.NOT_FOUND: "NotFound",
+    grpc.StatusCode.ALREADY_EXISTS: "AlreadyExists",
+    grpc.StatusCode.PERMISSION_DENIED: "PermissionDenied",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "ResourceExhausted",
+    grpc.StatusCode.FAILED_PRECONDITION: "FailedPrecondition",
+    grpc.StatusCode.ABORTED: "Aborted",
+    grpc.StatusCode.OUT_OF_RANGE: "OutOfRange",
+    grpc.StatusCode.UNIMPLEMENTED: "Unimplemented",
+    grpc.StatusCode.INTERNAL: "Internal",
+    grpc.StatusCode.UNAVAILABLE: "Unavailable",
+    grpc.StatusCode.DATA_LOSS: "DataLoss",
+    grpc.StatusCode.UNAUTHENTICATED: "Unauthenticated",
+}
+
+# Codes that mean the server (or what it depends on) failed the caller; the
+# error-ratio alert and the WARNING level of the RPC log line use the same set.
+SERVER_FAULT_CODES = frozenset(
+    {"Unknown", "Internal", "Unavailable", "DataLoss", "DeadlineExceeded"}
+)
+
+# Health probes and reflection are frequent and boring: their log lines go out
+# at DEBUG. They are counted in the metrics like any other call.
+DEFAULT_QUIET_SERVICES = frozenset(
+    {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
+     "grpc.reflection.v1.ServerReflection"}
+)  # fmt: skip
+
+# A call cancelled this close to (or past) its deadline was cancelled by the
+# deadline. ``time_remaining()`` is clamped at 0 once it has passed and is None
+# without a deadline.
+_DEADLINE_SLACK_SECONDS = 0.01
+
+_LABELS = ("grpc_type", "grpc_service", "grpc_method")
+
+_RPC_LOGGER = logging.getLogger("imageshare.rpc")
+
+
+def _split_method(full_method: str) -> tuple[str, str]:
+    service, _, method = full_method.lstrip("/").rpartition("/")
+    return service or "unknown", method or "unknown"
+
+
+def _grpc_type(handler: grpc.RpcMethodHandler) -> str:
+    if handler.request_streaming and handler.response_streaming:
+        return "bidi_stream"
+    if handler.request_streaming:
+        return "client_stream"
+    if handler.response_streaming:
+        return "server_stream"
+    return "unary"
+
+
+class _Call:
+    """Accounting for one RPC; ``finish`` runs exactly once, whatever ends the call."""
+
+    __slots__ = (
+        "_finished",
+        "_interceptor",
+        "_start",
+        "fields",
+        "grpc_type",
+        "labels",
+        "received",
+        "sent",
+    )
+
+    def __init__(self, interceptor: GrpcMetricsInterceptor, labels: tuple[str, str, str]) -> None:
+        self._interceptor = interceptor
+        self.labels = labels
+        self.grpc_type = labels[0]
+        self.received = 0
+        self.sent = 0
+        self.fields: dict[str, Any] = {}
+        self._finished = False
+        self._start = time.perf_counter()
+        interceptor.started.labels(*labels).inc()
+
+    def message_received(self) -> None:
+        self.received += 1
+        self._interceptor.msg_received.labels(*self.labels).inc()
+
+    def message_sent(self) -> None:
+        self.sent += 1
+        self._interceptor.msg_sent.labels(*self.labels).inc()
+
+    def finish(self, context: grpc.aio.ServicerContext, exc: BaseException | None) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        duration = time.perf_counter() - self._start
+        code = _final_code(context, exc)
+        interceptor = self._interceptor
+        interceptor.handled.labels(*self.labels, code).inc()
+        interceptor.handling_seconds.labels(*self.labels).observe(duration)
+        if interceptor.log_rpcs:
+            interceptor.log_call(self, context, code, duration)
+
+
+def _final_code(context: grpc.aio.ServicerContext, exc: BaseException | None) -> str:
+    """The status the client gets, as grpc.aio decides it after the handler returns."""
+    if isinstance(exc, asyncio.CancelledError):
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= _DEADLINE_SLACK_SECONDS:
+            return "DeadlineExceeded"
+        return "Canceled"
+    # abort()/abort_with_status()/set_code() all land in context.code(); an
+    # exception after set_code(non-OK) still sends that code, otherwise UNKNOWN.
+    code = context.code()
+    if exc is None:
+        return GO_CODE_NAMES.get(code, "Unknown") if code is not None else "OK"
+    if code is None or code is grpc.StatusCode.OK:
+        return "Unknown"
+    return GO_CODE_NAMES.get(code, "Unknown")
+
+
+class _ContextProxy:
+    """The servicer context as the handler sees it: counts ``read``/``write`` messages."""
+
+    __slots__ = ("_call", "_context")
+
+    def __init__(self, context: grpc.aio.ServicerContext, call: _Call) -> None:
+        self._context = context
+        self._call = call
+
+    async def write(self, message: Any) -> None:
+        await self._context.write(message)
+        self._call.message_sent()
+
+    async def read(self) -> Any:
+        message = await self._context.read()
+        if message is not grpc.aio.EOF:
+            self._call.message_received()
+        return message
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+class _CountingIterator:
+    """The request stream as the handler sees it: counts each message it yields."""
+
+    __slots__ = ("_call", "_iterator", "_requests")
+
+    def __init__(self, requests: Any, call: _Call) -> None:
+        self._requests = requests
+        self._iterator: Any = None
+        self._call = call
+
+    def __aiter__(self) -> _CountingIterator:
+        return self
+
+    async def __anext__(self) -> Any:
+        # Started lazily: a handler that uses context.read() never iterates,
+        # and grpc.aio's receiver would warn about a never-awaited coroutine.
+        if self._iterator is None:
+            self._iterator = self._requests.__aiter__()
+        message = await self._iterator.__anext__()
+        self._call.message_received()
+        return message
+
+
+class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Count, time and log every RPC the server hands to a handler.
+
+    Create one per registry (the metrics are registered in the constructor).
+    Tests pass a fresh :class:`~prometheus_client.CollectorRegistry`.
+
+    ``log_rpcs`` writes one JSON line per RPC on the ``imageshare.rpc`` logger
+    (INFO; WARNING for server-fault codes; DEBUG for ``quiet_services``).
+
+    Only ``async def`` handlers and async generators are supported, which is
+    what grpc.aio servicers (ours, health, reflection) are; a sync handler is
+    rejected when its call arrives rather than silently left uncounted.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = REGISTRY,
+        *,
+        log_rpcs: bool = True,
+        quiet_services: Collection[str] = DEFAULT_QUIET_SERVICES,
+        logger: logging.Logger = _RPC_LOGGER,
+    ) -> None:
+        self.log_rpcs = log_rpcs
+        self._quiet_services = frozenset(quiet_services)
+        self._logger = logger
+        self.started = Counter(
+            "grpc_server_started_total",
+            "Total number of RPCs started on the server.",
+            _LABELS,
+            registry=registry,
+        )
+        self.handled = Counter(
+            "grpc_server_handled_total",
+            "Total number of RPCs completed on the server, regardless of success or failure.",
+            (*_LABELS, "grpc_code"),
+            registry=registry,
+        )
+        self.msg_received = Counter(
+            "grpc_server_msg_received_total",
+            "Total number of RPC stream messages received on the server.",
+            _LABELS,
+            registry=registry,
+        )
+        self.msg_sent = Counter(
+            "grpc_server_msg_sent_total",
+            "Total number of gRPC stream messages sent by the server.",
+            _LABELS,
+            registry=registry,
+        )
+        self.handling_seconds = Histogram(
+            "grpc_server_handling_seconds",
+            "Histogram of response latency (seconds) of gRPC that had been application-level "
+            "handled by the server.",
+            _LABELS,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+
+    def initialize(self, full_method: str, grpc_type: str) -> None:
+        """Export zero-valued series for a method before its first call.
+
+        Like go-grpc-middleware's ``InitializeMetrics``: ``rate()`` and
+        absent-series alerts then work from the first scrape.
+        """
+        labels = (grpc_type, *_split_method(full_method))
+        self.started.labels(*labels)
+        self.msg_received.labels(*labels)
+        self.msg_sent.labels(*labels)
+        self.handling_seconds.labels(*labels)
+        for code in GO_CODE_NAMES.values():
+            self.handled.labels(*labels, code)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        labels = (_grpc_type(handler), *_split_method(handler_call_details.method))
+        return self._wrap(handler, labels)
+
+    def log_call(
+        self, call: _Call, context: grpc.aio.ServicerContext, code: str, duration: float
+    ) -> None:
+        _, service, method = call.labels
+        if service in self._quiet_services:
+            level = logging.DEBUG
+        elif code in SERVER_FAULT_CODES:
+            level = logging.WARNING
+        else:
+            level = logging.INFO
+        if not self._logger.isEnabledFor(level):
+            return
+        try:
+            peer = context.peer()
+        except Exception:  # the peer is gone after some cancellations
+            peer = ""
+        line: dict[str, Any] = {
+            "event": "rpc",
+            "method": f"/{service}/{method}",
+            "grpc_type": call.grpc_type,
+            "code": code,
+            "duration_ms": round(duration * 1000, 3),
+            "peer": peer,
+            "msg_received": call.received,
+            "msg_sent": call.sent,
+        }
+        for key, value in call.fields.items():
+            line.setdefault(key, value)
+        self._logger.log(level, "rpc", extra={"fields": line})
+
+    def _wrap(
+        self, handler: grpc.RpcMethodHandler, labels: tuple[str, str, str]
+    ) -> grpc.RpcMethodHandler:
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(
+                self._streaming_response(handler.stream_stream, labels, streaming_request=True),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(
+                self._unary_response(handler.stream_unary, labels, streaming_request=True),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(
+                self._streaming_response(handler.unary_stream, labels, streaming_request=False),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        return grpc.unary_unary_rpc_method_handler(
+            self._unary_response(handler.unary_unary, labels, streaming_request=False),
+            handler.request_deserializer,
+            handler.response_serializer,
+        )
+
+    def _unary_response(
+        self,
+        behavior: Callable[..., Any],
+        labels: tuple[str, str, str],
+        *,
+        streaming_request: bool,
+    ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+        _require_async(behavior, labels)
+
+        async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            call = _Call(self, labels)
+            exc: BaseException | None = None
+            with bind_rpc_log_fields() as fields:
+                call.fields = fields
+                if streaming_request:
+                    request = _CountingIterator(request, call)
+                else:
+                    call.message_received()
+                try:
+                    response = await behavior(request, _ContextProxy(context, call))
+                    code = context.code()
+                    if code is None or code is grpc.StatusCode.OK:
+                        call.message_sent()
+                    return response
+                except BaseException as error:
+                    exc = error
+                    raise
+                finally:
+                    call.finish(context, exc)
+
+        return handle
+
+    def _streaming_response(
+        self,
+        behavior: Callable[..., Any],
+        labels: tuple[str, str, str],
+        *,
+        streaming_request: bool,
+    ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]]:
+        # Async generators are driven here with context.write() rather than
+        # handed back to grpc.aio: a cancellation then surfaces in this
+        # coroutine (not later, in the generator's finaliser), and the
+        # handler's own cleanup runs before the call is accounted for.
+        is_generator = inspect.isasyncgenfunction(behavior)
+        if not is_generator:
+            _require_async(behavior, labels)
+
+        async def handle(request: Any, context: grpc.aio.ServicerContext) -> None:
+            call = _Call(self, labels)
+            exc: BaseException | None = None
+            with bind_rpc_log_fields() as fields:
+                call.fields = fields
+                if streaming_request:
+                    request = _CountingIterator(request, call)
+                else:
+                    call.message_received()
+                proxy = _ContextProxy(context, call)
+                try:
+                    if is_generator:
+                        responses: AsyncIterator[Any] = behavior(request, proxy)
+                        try:
+                            async for response in responses:
+                                await context.write(response)
+                                call.message_sent()
+                        finally:
+                            await responses.aclose()  # type: ignore[attr-defined]
+                    else:
+                        await behavior(request, proxy)
+                except BaseException as error:
+                    exc = error
+                    raise
+                finally:
+                    call.finish(context, exc)
+
+        return handle
+
+
+def _require_async(behavior: Callable[..., Any], labels: tuple[str, str, str]) -> None:
+    if not inspect.iscoroutinefunction(behavior):
+        raise TypeError(
+            f"GrpcMetricsInterceptor needs async handlers; /{labels[1]}/{labels[2]} is sync"
+        )

@@ -1,0 +1,197 @@
+'use strict';
+// Node.js client for imageshare.v1.ImageShareService.
+//
+// The proto is loaded at run time from the repository's protos/ folder, so the client
+// can never drift from the contract. Defaults mirror the Python client: a 10 s deadline
+// per listing, keepalive for long-lived processes, and a gRPC service config whose
+// retryPolicy retries UNAVAILABLE. gRPC commits a streaming attempt once response
+// headers arrive, so a stream that has started is never replayed: a failure after the
+// first message surfaces as an ImageShareError with `interrupted: true`.
+
+const path = require('node:path');
+const grpc = require('@grpc/grpc-js');
+const protoLoader = require('@grpc/proto-loader');
+
+const PROTO_ROOT = path.resolve(__dirname, '..', '..', 'protos');
+const PROTO_FILE = 'imageshare/v1/image_share.proto';
+const SERVICE = 'imageshare.v1.ImageShareService';
+const DEFAULT_TIMEOUT_MS = 10_000;
+const PUBLIC_GROUP = 'all';
+
+const DEFAULT_SERVICE_CONFIG = {
+  methodConfig: [
+    {
+      name: [{ service: SERVICE }],
+      timeout: '10s',
+      retryPolicy: {
+        maxAttempts: 3,
+        initialBackoff: '0.1s',
+        maxBackoff: '1s',
+        backoffMultiplier: 2,
+        retryableStatusCodes: ['UNAVAILABLE'],
+      },
+    },
+  ],
+  retryThrottling: { maxTokens: 10, tokenRatio: 0.1 },
+};
+
+function loadPackage() {
+  const definition = protoLoader.loadSync(PROTO_FILE, {
+    includeDirs: [PROTO_ROOT],
+    keepCase: false,
+    longs: String,
+    enums: String,
+    defaults: true,
+    oneofs: true,
+  });
+  return grpc.loadPackageDefinition(definition).imageshare.v1;
+}
+
+/** A failed call: `code` is the numeric gRPC status, `codeName` e.g. "NOT_FOUND". */
+class ImageShareError extends Error {
+  constructor(serviceError, { interrupted = false, accountsReceived = 0 } = {}) {
+    const codeName = grpc.status[serviceError.code] || 'UNKNOWN';
+    const prefix = interrupted ? `stream interrupted after ${accountsReceived} accounts: ` : '';
+    super(`${codeName}: ${prefix}${serviceError.details || serviceError.message}`);
+    this.name = 'ImageShareError';
+    this.code = serviceError.code;
+    this.codeName = codeName;
+    this.details = serviceError.details || '';
+    this.metadata = serviceError.metadata;
+    this.interrupted = interrupted;
+    this.accountsReceived = accountsReceived;
+  }
+}
+
+function toDate(timestamp) {
+  if (!timestamp) return null;
+  return new Date(Number(timestamp.seconds) * 1000 + Math.floor(timestamp.nanos / 1e6));
+}
+
+/**
+ * One stream. `for await (const account of listing)` yields
+ * `{ aliyunId, sharedTime }` (sharedTime a Date or null); `listing.metadata` is set once
+ * the first message arrived (`await listing.start()` to wait for it).
+ */
+class ShareListing {
+  constructor(openCall) {
+    this._openCall = openCall;
+    this._call = null;
+    this._iterator = null;
+    this._first = null;
+    this.metadata = null;
+    this.upstreamRequestIds = [];
+    this.accountsReceived = 0;
+  }
+
+  async start() {
+    if (this.metadata) return this.metadata;
+    this._call = this._openCall();
+    this._iterator = this._call[Symbol.asyncIterator]();
+    let next;
+    try {
+      next = await this._iterator.next();
+    } catch (err) {
+      throw new ImageShareError(err);
+    }
+    if (next.done) {
+      throw new ImageShareError({ code: grpc.status.INTERNAL, details: 'stream ended without a message' });
+    }
+    const first = next.value;
+    this._first = first;
+    this.metadata = {
+      regionId: first.regionId,
+      imageId: first.imageId,
+      totalCount: first.totalCount,
+      shareGroups: first.shareGroups.map((g) => g.group),
+      isPublic: first.shareGroups.some((g) => g.group === PUBLIC_GROUP),
+      cacheStatus: first.cacheStatus,
+    };
+    return this.metadata;
+  }
+
+  _take(message) {
+    this.upstreamRequestIds.push(...message.upstreamRequestIds);
+    this.accountsReceived += message.accounts.length;
+    return message.accounts.map((a) => ({ aliyunId: a.aliyunId, sharedTime: toDate(a.sharedTime) }));
+  }
+
+  async *[Symbol.asyncIterator]() {
+    await this.start();
+    const first = this._first;
+    this._first = null;
+    if (first) yield* this._take(first);
+    try {
+      for (;;) {
+        let next;
+        try {
+          next = await this._iterator.next();
+        } catch (err) {
+          throw new ImageShareError(err, { interrupted: true, accountsReceived: this.accountsReceived });
+        }
+        if (next.done) return;
+        yield* this._take(next.value);
+      }
+    } finally {
+      // Leaving the loop early (break, return, throw) must stop the server's work too.
+      this.cancel();
+    }
+  }
+
+  async collect() {
+    const accounts = [];
+    for await (const account of this) accounts.push(account);
+    return { metadata: this.metadata, accounts, upstreamRequestIds: this.upstreamRequestIds };
+  }
+
+  cancel() {
+    if (this._call) this._call.cancel();
+  }
+}
+
+class ImageShareClient {
+  /**
+   * @param {string} target host:port
+   * @param {object} [opts]
+   * @param {grpc.ChannelCredentials} [opts.credentials] TLS; insecure when absent
+   * @param {number} [opts.timeoutMs] default deadline of a listing (10 s)
+   * @param {object} [opts.serviceConfig] gRPC service config (retryPolicy for UNAVAILABLE)
+   */
+  constructor(target, { credentials, timeoutMs = DEFAULT_TIMEOUT_MS, serviceConfig = DEFAULT_SERVICE_CONFIG, options = {} } = {}) {
+    const Service = loadPackage().ImageShareService;
+    this._client = new Service(target, credentials || grpc.credentials.createInsecure(), {
+      'grpc.keepalive_time_ms': 30_000,
+      'grpc.keepalive_timeout_ms': 10_000,
+      'grpc.max_receive_message_length': 4 * 1024 * 1024,
+      'grpc.service_config': JSON.stringify(serviceConfig),
+      ...options,
+    });
+    this.timeoutMs = timeoutMs;
+  }
+
+  /** Accounts the image is shared with, as a lazy ShareListing. */
+  listShares(regionId, imageId, { ownerAccount = '', pageSize = 0, bypassCache = false, timeoutMs } = {}) {
+    const request = { regionId, imageId, ownerAccount, pageSize, bypassCache };
+    const deadline = new Date(Date.now() + (timeoutMs ?? this.timeoutMs));
+    return new ShareListing(() => this._client.ListImageShares(request, { deadline }));
+  }
+
+  /** True when accountId may use the image: listed, or the image is public (group "all"). */
+  async isSharedWith(regionId, imageId, accountId, opts = {}) {
+    const listing = this.listShares(regionId, imageId, { ...opts, pageSize: 100 });
+    if ((await listing.start()).isPublic) {
+      listing.cancel();
+      return true;
+    }
+    for await (const account of listing) {
+      if (account.aliyunId === accountId) return true;
+    }
+    return false;
+  }
+
+  close() {
+    this._client.close();
+  }
+}
+
+module.exports = { ImageShareClient, ImageShareError, ShareListing, DEFAULT_SERVICE_CONFIG, PROTO_ROOT };

@@ -1,0 +1,60 @@
+"""Shared fixtures: one emulator and one server process for the session, fresh knobs per test.
+
+Tests that need a server with other settings start their own with
+``ServerProcess`` (see ``start_server``); every process is stopped at the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import grpc
+import pytest
+
+from imageshare.v1 import image_share_pb2_grpc
+from imageshare_server.emulator import EmulatorAdmin
+from tests.support.processes import EmulatorProcess, ServerProcess
+
+
+@pytest.fixture(scope="session")
+def emulator_process() -> Iterator[EmulatorProcess]:
+    emulator = EmulatorProcess()
+    yield emulator
+    emulator.stop()
+
+
+@pytest.fixture
+def emulator(emulator_process: EmulatorProcess) -> Iterator[EmulatorAdmin]:
+    """The session emulator with every knob and counter reset, before and after the test."""
+    admin = EmulatorAdmin(emulator_process.url)
+    admin.reset()
+    yield admin
+    admin.reset()
+
+
+@pytest.fixture(scope="session")
+def server(emulator_process: EmulatorProcess) -> Iterator[ServerProcess]:
+    process = ServerProcess("--cache-ttl", "0", upstream=emulator_process.url)
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def start_server(emulator_process: EmulatorProcess) -> Iterator[Callable[..., ServerProcess]]:
+    started: list[ServerProcess] = []
+
+    def start(*args: str, upstream: str | None = "emulator", **kwargs: object) -> ServerProcess:
+        url = emulator_process.url if upstream == "emulator" else upstream
+        process = ServerProcess(*args, upstream=url, **kwargs)  # type: ignore[arg-type]
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture
+def stub(server: ServerProcess) -> Iterator[image_share_pb2_grpc.ImageShareServiceStub]:
+    with grpc.insecure_channel(server.target) as channel:
+        yield image_share_pb2_grpc.ImageShareServiceStub(channel)

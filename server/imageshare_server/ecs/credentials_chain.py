@@ -53,7 +53,7 @@ from imageshare_server.ecs.refreshing import (
     ExpiringCredentials,
     Fetch,
     RefreshingCredentialsProvider,
-    safe_error,
+    error_text,
 )
 from imageshare_server.ecs.sts import assume_role, sts_endpoint
 
@@ -70,6 +70,10 @@ class NamedProvider:
 
     async def get(self) -> Credentials:
         return await self._inner.get()
+
+    async def settle(self) -> None:
+        if isinstance(self._inner, RefreshingCredentialsProvider):
+            await self._inner.settle()
 
     async def aclose(self) -> None:
         if isinstance(self._inner, RefreshingCredentialsProvider):
@@ -280,10 +284,11 @@ class ChainCredentialsProvider:
         for name, build in self._candidates:
             provider: NamedProvider | None = None
             try:
-                provider = build()
+                # Building may read a profile file: keep that off the event loop.
+                provider = await asyncio.to_thread(build)
                 credentials = await provider.get()
             except Exception as exc:
-                errors.append(str(safe_error(name, exc)))
+                errors.append(f"{name}: {error_text(exc)}")
                 if provider is not None:
                     await provider.aclose()
                 continue
@@ -294,6 +299,11 @@ class ChainCredentialsProvider:
         raise CredentialsUnavailable(
             "no credentials source in the chain worked: " + "; ".join(errors)
         )
+
+    async def settle(self) -> None:
+        """Wait until no background refresh is in flight (for tests and orderly shutdown)."""
+        if self._chosen is not None:
+            await self._chosen.settle()
 
     async def aclose(self) -> None:
         if self._chosen is not None:

@@ -62,11 +62,21 @@ def _schedule(issued: ExpiringCredentials, now: float, margin: float) -> _Cached
     return _Cached(issued.credentials, refresh_at, usable_until)
 
 
+def error_text(exc: BaseException) -> str:
+    """A failure as text: our own messages as they are, others with their type name.
+
+    Neither carries request data: STS parameters travel in bodies, not URLs.
+    """
+    if isinstance(exc, CredentialsUnavailable):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
 def safe_error(source: str, exc: BaseException) -> CredentialsUnavailable:
-    """Turn any failure into an error that names the source but carries no request data."""
+    """Turn any failure into an error that names the source."""
     if isinstance(exc, CredentialsUnavailable):
         return exc
-    return CredentialsUnavailable(f"{source}: {type(exc).__name__}: {exc}")
+    return CredentialsUnavailable(f"{source}: {error_text(exc)}")
 
 
 class RefreshingCredentialsProvider:
@@ -132,6 +142,12 @@ class RefreshingCredentialsProvider:
         self._retry_after = 0.0
         self._cached = _schedule(issued, self._clock(), self._margin)
         return issued.credentials
+
+    async def settle(self) -> None:
+        """Wait for a refresh in flight, if any, whatever its outcome (tests, shutdown)."""
+        task = self._task
+        if task is not None:
+            await asyncio.wait([task])
 
     async def aclose(self) -> None:
         task, self._task = self._task, None

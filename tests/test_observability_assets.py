@@ -1,0 +1,370 @@
+"""The dashboard and alerts query only what the server exports, and logs never leak secrets.
+
+Every PromQL expression in the Grafana dashboard and in the rendered
+PrometheusRule is parsed with a real PromQL parser; each selector must name a
+series the code exports, filtered on labels that series has. A misspelt
+metric or label would otherwise give an empty panel or an alert that can
+never fire, and nothing would say so.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import promql_parser
+import pytest
+import yaml
+from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.metrics import MetricWrapperBase
+
+from imageshare_server.observability import metrics
+from imageshare_server.observability.grpc_metrics import GrpcMetricsInterceptor
+from imageshare_server.observability.logging import (
+    REDACTED,
+    JsonFormatter,
+    RedactingFilter,
+    configure_logging,
+    redact,
+    register_secret,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "helm" / "imageshare"
+DASHBOARD = CHART / "dashboards" / "imageshare.json"
+
+# Labels Prometheus adds at scrape time (ServiceMonitor targets) or histograms carry.
+TARGET_LABELS = {"namespace", "job", "instance", "pod", "service", "container", "endpoint"}
+
+
+def _sample_names(name: str, kind: str) -> set[str]:
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "gauge": ("",),
+        "histogram": ("_bucket", "_sum", "_count", "_created"),
+        "summary": ("", "_sum", "_count", "_created"),
+        "info": ("_info",),
+    }.get(kind, ("",))
+    return {name + suffix for suffix in suffixes}
+
+
+def exported_series() -> dict[str, set[str]]:
+    """Series name -> label names, for everything /metrics can show."""
+    grpc_registry = CollectorRegistry()
+    interceptor = GrpcMetricsInterceptor(grpc_registry, log_rpcs=False)
+    wrappers: list[MetricWrapperBase] = [
+        *(m for m in vars(metrics).values() if isinstance(m, MetricWrapperBase)),
+        *(m for m in vars(interceptor).values() if isinstance(m, MetricWrapperBase)),
+    ]
+    series: dict[str, set[str]] = {}
+    for wrapper in wrappers:
+        for family in wrapper.describe():
+            for name in _sample_names(family.name, family.type):
+                extra = {"le"} if name.endswith("_bucket") else set()
+                series[name] = set(wrapper._labelnames) | extra
+    # Default collectors (process_*, python_*), as served by the global registry.
+    for family in REGISTRY.collect():
+        for sample in family.samples:
+            series.setdefault(sample.name, set()).update(sample.labels)
+    return series
+
+
+def _grafana_to_promql(expr: str) -> str:
+    """Substitute Grafana's variables so the expression is plain PromQL."""
+    expr = expr.replace("$__rate_interval", "5m").replace("$__interval", "1m")
+    return re.sub(r"\$\{?\w+(?::\w+)?\}?", "value", expr)
+
+
+def dashboard_expressions() -> list[str]:
+    board = json.loads(DASHBOARD.read_text())
+    expressions = [
+        target["expr"]
+        for panel in board["panels"]
+        for target in panel.get("targets", [])
+        if "expr" in target
+    ]
+    for variable in board["templating"]["list"]:
+        if variable["type"] != "query":
+            continue
+        match = re.fullmatch(r"label_values\((.+),\s*\w+\)", variable["definition"])
+        assert match, variable["definition"]
+        expressions.append(match.group(1))
+    return [_grafana_to_promql(e) for e in expressions]
+
+
+def render_rule(**overrides: Any) -> dict[str, Any]:
+    values = {"prometheusRule": {"enabled": True, **overrides}}
+    rendered = helm.Chart.load(CHART).render(values, name="rel", namespace="obs")
+    (rule,) = [
+        doc
+        for path, text in rendered.items()
+        if path.endswith("prometheusrule.yaml")
+        for doc in yaml.safe_load_all(text)
+        if doc
+    ]
+    return rule  # type: ignore[no-any-return]
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    return [r for group in render_rule()["spec"]["groups"] for r in group["rules"]]
+
+
+def selectors(node: Any) -> Iterator[tuple[str, set[str]]]:
+    """(metric name, label names matched) for every vector selector in an AST."""
+    if isinstance(node, promql_parser.VectorSelector):
+        matchers = node.matchers.matchers
+        name = node.name or next(m.value for m in matchers if m.name == "__name__")
+        yield name, {m.name for m in matchers if m.name != "__name__"}
+        return
+    for attribute in ("lhs", "rhs", "expr", "param", "vector_selector"):
+        child = getattr(node, attribute, None)
+        if child is not None:
+            yield from selectors(child)
+    for child in getattr(node, "args", None) or []:
+        yield from selectors(child)
+
+
+def check_expression(expr: str, series: dict[str, set[str]]) -> set[str]:
+    used = set()
+    for name, labels in selectors(promql_parser.parse(expr)):
+        assert name in series, f"{name} is not exported by the server (in {expr!r})"
+        unknown = labels - series[name] - TARGET_LABELS
+        assert not unknown, f"{name} has no label(s) {unknown} (in {expr!r})"
+        used.add(name)
+    return used
+
+
+def test_dashboard_queries_only_exported_series() -> None:
+    series = exported_series()
+    expressions = dashboard_expressions()
+    assert len(expressions) > 20
+    used = set().union(*(check_expression(e, series) for e in expressions))
+    # The panels the issue asks for, by the series behind them.
+    assert {
+        "grpc_server_handled_total",
+        "grpc_server_started_total",
+        "grpc_server_msg_sent_total",
+        "grpc_server_handling_seconds_bucket",
+        "imageshare_upstream_request_duration_seconds_bucket",
+        "imageshare_upstream_requests_total",
+        "imageshare_upstream_retries_total",
+        "imageshare_upstream_rate_limit_wait_seconds_bucket",
+        "imageshare_upstream_in_flight_requests",
+        "imageshare_cache_requests_total",
+        "imageshare_cache_entries",
+        "imageshare_cache_bytes",
+        "imageshare_upstream_credentials_rejected_total",
+    } <= used
+
+
+def test_dashboard_is_templated_on_datasource_namespace_and_job() -> None:
+    board = json.loads(DASHBOARD.read_text())
+    assert board["schemaVersion"] >= 39
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert variables["datasource"]["query"] == "prometheus"
+    assert {"namespace", "job"} <= set(variables)
+    ids = [panel["id"] for panel in board["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in board["panels"]:
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        for target in panel["targets"]:
+            assert 'namespace=~"$namespace"' in target["expr"], panel["title"]
+            assert 'job=~"$job"' in target["expr"], panel["title"]
+
+
+def test_alert_expressions_query_only_exported_series() -> None:
+    series = exported_series()
+    rules = alert_rules()
+    for rule in rules:
+        check_expression(rule["expr"], series)
+        # Scoped to this release's own series.
+        assert 'namespace="obs"' in rule["expr"] and 'job="rel-imageshare"' in rule["expr"]
+
+
+def test_every_alert_is_actionable() -> None:
+    rules = {rule["alert"]: rule for rule in alert_rules()}
+    assert set(rules) == {
+        "ImageShareHighErrorRatio",
+        "ImageShareHighLatencyP99",
+        "ImageShareUpstreamThrottled",
+        "ImageShareUpstreamCredentialsRejected",
+        "ImageShareCacheHitRatioLow",
+    }
+    for rule in rules.values():
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+        assert rule["labels"]["severity"] in {"warning", "critical"}
+        assert re.fullmatch(r"\d+m", rule["for"])
+        # Alertmanager templates survive Helm rendering unescaped.
+        assert "{{ $labels." in rule["annotations"]["description"]
+    assert rules["ImageShareUpstreamCredentialsRejected"]["labels"]["severity"] == "critical"
+    assert (
+        "imageshare_upstream_credentials_rejected_total"
+        in (rules["ImageShareUpstreamCredentialsRejected"]["expr"])
+    )
+    error_codes = "Unknown|Internal|Unavailable|DataLoss|DeadlineExceeded"
+    assert error_codes in rules["ImageShareHighErrorRatio"]["expr"]
+
+
+def test_thresholds_and_labels_come_from_values() -> None:
+    rule = render_rule(
+        labels={"release": "kube-prometheus-stack"},
+        errorRatioThreshold=0.125,
+        latencyP99Seconds=7.5,
+        cacheHitRatioMin=0.25,
+    )
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert rule["metadata"]["labels"]["app.kubernetes.io/name"] == "imageshare"
+    exprs = {r["alert"]: r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert re.search(r"\) > 0\.125\s*$", exprs["ImageShareHighErrorRatio"])
+    assert re.search(r"\) > 7\.5\s*$", exprs["ImageShareHighLatencyP99"])
+    assert ") < 0.25" in exprs["ImageShareCacheHitRatioLow"]
+
+
+def test_rule_is_off_by_default() -> None:
+    rendered = helm.Chart.load(CHART).render(None, name="rel", namespace="obs")
+    assert not rendered.get("imageshare/templates/prometheusrule.yaml", "").strip()
+
+
+# --- secrets never reach log output -------------------------------------------------
+
+SECRET = "kS3cr3tAccessKeySecretValue0123"
+TOKEN = "CAIS+sts/token==with+slashes/and=padding" * 3
+V1_STRING_TO_SIGN = (
+    "GET&%2F&AccessKeyId%3DLTAI5tDemoAccessKeyId%26Action%3DDescribeImageSharePermission"
+    "%26SecurityToken%3D" + TOKEN[:20]
+)
+SIGNATURE_ERROR = (
+    "Specified signature is not matched with our calculation. "
+    f"server string to sign is:{V1_STRING_TO_SIGN}"
+)
+V3_SIGNATURE_ERROR = (
+    "The request signature does not conform to Aliyun standards. "
+    "server string to sign is:ACS3-HMAC-SHA256\n" + "ab" * 32
+)
+
+
+def _assert_clean(output: str) -> None:
+    for forbidden in (SECRET, TOKEN, "CAIS%2Bsts%2Ftoken", "LTAI5tDemoAccessKeyId", "ab" * 32):
+        assert forbidden not in output, forbidden
+
+
+@pytest.fixture
+def json_log() -> Iterator[tuple[logging.Logger, io.StringIO]]:
+    register_secret(SECRET)
+    register_secret(TOKEN)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("test.redaction.json")
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(handler)
+    try:
+        yield logger, stream
+    finally:
+        logger.removeHandler(handler)
+
+
+def _fail_with_secret() -> None:
+    try:
+        raise ConnectionError(f"GET https://ecs.example/?SecurityToken={TOKEN}&k={SECRET}")
+    except ConnectionError as inner:
+        raise RuntimeError(SIGNATURE_ERROR) from inner
+
+
+def test_secrets_and_string_to_sign_never_reach_json_logs(
+    json_log: tuple[logging.Logger, io.StringIO],
+) -> None:
+    logger, stream = json_log
+    logger.info("credentials %s / %s", SECRET, TOKEN)
+    logger.warning("upstream said: %s", SIGNATURE_ERROR)
+    logger.warning(V3_SIGNATURE_ERROR)
+    logger.info("rpc", extra={"fields": {"url": "https://x/?SecurityToken=" + TOKEN}})
+    logger.info("nested", extra={"detail": {"secrets": [SECRET, {"t": TOKEN}]}})
+    try:
+        _fail_with_secret()
+    except RuntimeError:
+        logger.exception("call failed")
+    logger.info("stack", stack_info=True, extra={"secret": SECRET})
+
+    output = stream.getvalue()
+    lines = [json.loads(line) for line in output.splitlines()]
+    assert len(lines) == 7  # every record still written, as valid JSON
+    _assert_clean(output)
+    assert lines[0]["msg"] == f"credentials {REDACTED} / {REDACTED}"
+    assert lines[1]["msg"].endswith(f"server string to sign is: {REDACTED}")
+    assert lines[2]["msg"].endswith(f"server string to sign is: {REDACTED}")
+    # The traceback is kept (both exceptions), only scrubbed.
+    assert "ConnectionError" in lines[5]["exc"] and "RuntimeError" in lines[5]["exc"]
+    assert "_fail_with_secret" in lines[5]["exc"]
+
+
+def test_redacting_filter_scrubs_records_for_other_formatters() -> None:
+    register_secret(SECRET)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RedactingFilter())
+    logger = logging.getLogger("test.redaction.plain")
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        try:
+            _fail_with_secret()
+        except RuntimeError:
+            logger.error("failed with %s", SECRET, exc_info=True)
+    finally:
+        logger.removeHandler(handler)
+    output = stream.getvalue()
+    _assert_clean(output)
+    assert f"failed with {REDACTED}" in output and "Traceback" in output
+
+
+def test_configure_logging_routes_uncaught_exceptions_through_redaction() -> None:
+    register_secret(TOKEN)
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level, sys.excepthook)
+    stream = io.StringIO()
+    try:
+        configure_logging("debug", stream=stream)
+        configure_logging("info", stream=stream)  # idempotent: one handler, not two
+        logging.getLogger("httpx").info("HTTP Request: GET https://x/?SecurityToken=%s", TOKEN)
+        logging.getLogger("imageshare.test").debug("not at info")
+        try:
+            _fail_with_secret()
+        except RuntimeError:
+            sys.excepthook(*sys.exc_info())
+    finally:
+        for handler in [h for h in root.handlers if h not in saved[0]]:
+            root.removeHandler(handler)
+        root.setLevel(saved[1])
+        sys.excepthook = saved[2]
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert len(lines) == 1  # httpx quiet below WARNING; debug filtered at info
+    assert lines[0]["level"] == "critical" and "RuntimeError" in lines[0]["exc"]
+    _assert_clean(stream.getvalue())
+
+
+def test_configure_logging_rejects_unknown_levels() -> None:
+    with pytest.raises(ValueError, match="unknown log level"):
+        configure_logging("verbose", stream=io.StringIO())
+
+
+def test_redact_is_idempotent_and_ignores_short_values() -> None:
+    register_secret("short")
+    register_secret(SECRET)
+    assert redact("a short note") == "a short note"
+    once = redact(f"{SECRET} then {SIGNATURE_ERROR}")
+    assert (
+        once == f"{REDACTED} then Specified signature is not matched with our calculation. "
+        f"server string to sign is: {REDACTED}"
+    )
+    assert redact(once) == once

@@ -12,6 +12,7 @@ import asyncio
 import json
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from imageshare_server.ecs.profiles import (
     cli_profile_spec,
     ini_profile_spec,
 )
+from imageshare_server.ecs.refreshing import ExpiringCredentials, RefreshingCredentialsProvider
 from imageshare_server.ecs.signing import sign_v3
 from imageshare_server.ecs.sts import sts_endpoint
 from imageshare_server.emulator import Emulator
@@ -46,8 +48,6 @@ HOUR = 3600.0
 
 class FakeClock:
     def __init__(self) -> None:
-        import time
-
         self.now = time.time()
 
     def __call__(self) -> float:
@@ -299,6 +299,46 @@ async def test_failed_refresh_keeps_valid_credentials_and_retries_later(
     refreshed = await chain.get()
     assert refreshed != first
     assert_issued_by(refreshed, sts)
+
+
+async def test_close_does_not_wait_for_a_stuck_refresh(
+    tmp_path: Path,
+    sts: StsStandIn,
+    token_file: Path,
+    http: httpx.AsyncClient,
+    clock: FakeClock,
+) -> None:
+    chain = default_credentials_provider(
+        oidc_env(tmp_path, sts, token_file), http=http, home=tmp_path, clock=clock
+    )
+    await chain.get()
+    sts.gate = threading.Event()
+    sts.request_arrived.clear()
+    clock.advance(HOUR - 10 * 60)
+    await chain.get()
+    assert await asyncio.to_thread(sts.request_arrived.wait, 5)
+    await asyncio.wait_for(chain.aclose(), 2)  # STS still holds its answer
+
+
+async def test_short_sessions_refresh_at_half_life_not_on_every_call() -> None:
+    clock = FakeClock()
+    fetched: list[float] = []
+
+    async def fetch() -> ExpiringCredentials:
+        fetched.append(clock.now)
+        return ExpiringCredentials(Credentials(f"STS.{len(fetched)}", "s", "t"), clock.now + 900)
+
+    provider = RefreshingCredentialsProvider(fetch, name="short", clock=clock)
+    assert (await provider.get()).access_key_id == "STS.1"
+    clock.advance(400)
+    assert (await provider.get()).access_key_id == "STS.1"
+    await provider.settle()
+    assert len(fetched) == 1
+    clock.advance(100)
+    assert (await provider.get()).access_key_id == "STS.1"
+    await provider.settle()
+    assert (await provider.get()).access_key_id == "STS.2"
+    await provider.aclose()
 
 
 async def test_expired_and_sts_down_raises_without_secrets(

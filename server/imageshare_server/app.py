@@ -44,6 +44,7 @@ from imageshare_server.ecs.endpoints import EndpointResolver
 from imageshare_server.observability.logging import configure_logging, register_secret
 from imageshare_server.service import ImageShareService
 from imageshare_server.source import UpstreamShareSource
+from imageshare_server.tls import TlsConfigError, server_credentials
 
 log = logging.getLogger("imageshare.server")
 
@@ -91,6 +92,21 @@ def _credentials(settings: Settings) -> CredentialsProvider:
     register_secret(credentials.access_key_secret)
     register_secret(credentials.security_token)
     return StaticCredentialsProvider(credentials)
+
+
+def _bind(server: grpc.aio.Server, settings: Settings) -> int:
+    """Bind the gRPC port: TLS (mTLS with a client CA) when a certificate is configured."""
+    if not settings.tls_cert:
+        port: int = server.add_insecure_port(grpc_address(settings.listen))
+        return port
+    try:
+        credentials, _ = server_credentials(
+            settings.tls_cert, settings.tls_key, settings.tls_client_ca
+        )
+    except TlsConfigError as exc:
+        raise StartupError(f"TLS: {exc}") from None
+    port = server.add_secure_port(grpc_address(settings.listen), credentials)
+    return port
 
 
 def _start_emulator(settings: Settings, closers: list[Any]) -> Settings:
@@ -152,7 +168,7 @@ async def start(settings: Settings) -> Runtime:
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    grpc_port = server.add_insecure_port(grpc_address(settings.listen))
+    grpc_port = _bind(server, settings)
     await server.start()
 
     runtime = Runtime(settings, server, health_servicer, http, grpc_port, closers=closers)
@@ -174,6 +190,7 @@ async def start(settings: Settings) -> Runtime:
             if settings.emulator
             else settings.upstream_endpoint or "official",
             "signature_version": settings.signature_version,
+            "tls": "mtls" if settings.tls_client_ca else "tls" if settings.tls_cert else "off",
             "version": __version__,
         },
     )

@@ -60,6 +60,17 @@ class Settings:
     log_level: str = _opt(
         "info", "Log level.", choices=("debug", "info", "warning", "error", "critical")
     )
+    tls_cert: str = _opt(
+        "",
+        "PEM certificate chain file for the gRPC listener; with --tls-key enables TLS. "
+        "Re-read when the file changes.",
+    )
+    tls_key: str = _opt("", "PEM private key file for --tls-cert.")
+    tls_client_ca: str = _opt(
+        "",
+        "PEM CA bundle file; when set, callers must present a client certificate it signed "
+        "(mTLS). Needs --tls-cert.",
+    )
 
     def __post_init__(self) -> None:
         if not 1 <= self.upstream_page_size <= 100:
@@ -73,6 +84,10 @@ class Settings:
         for name in ("connect_timeout", "read_timeout", "grace_period"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key must be given together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key")
 
 
 def flag_name(name: str) -> str:

@@ -581,7 +581,7 @@ async def test_ecs_ram_role_via_imdsv2(
     creds = await chain.get()
     doc = imds.document()
     assert creds == Credentials(doc["AccessKeyId"], doc["AccessKeySecret"], doc["SecurityToken"])
-    assert chain.describe() == "ecs_ram_role/ecs_ram_role"
+    assert chain.describe() == "ecs_ram_role"
     assert imds.calls["PUT /latest/api/token"] == 1
     assert imds.calls["GET /latest/meta-data/ram/security-credentials/imageshare-node"] == 1
 

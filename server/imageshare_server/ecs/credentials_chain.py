@@ -226,7 +226,14 @@ def _candidates(b: _Builder, home: Path) -> list[Candidate]:
         )
 
     if not _is_true(env, "ALIBABA_CLOUD_ECS_METADATA_DISABLED"):
-        found.append(("ecs_ram_role", lambda: b.from_spec("ecs_ram_role", EcsRamRoleSpec())))
+        found.append(
+            (
+                "ecs_ram_role",
+                lambda: NamedProvider(
+                    "ecs_ram_role", b.refreshing("ecs_ram_role", b.ecs_ram_role(None))
+                ),
+            )
+        )
 
     uri = env.get("ALIBABA_CLOUD_CREDENTIALS_URI", "").strip()
     if uri:

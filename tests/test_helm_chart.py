@@ -177,6 +177,8 @@ def test_pod_and_container_are_hardened(chart: helm.Chart, case: str) -> None:
     assert pod["securityContext"]["runAsUser"] == 10001
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert pod["automountServiceAccountToken"] is False
+    # Service links for a Service named "imageshare" would inject IMAGESHARE_PORT & co.
+    assert pod["enableServiceLinks"] is False
     sc = container["securityContext"]
     assert sc["runAsNonRoot"] is True
     assert type(sc["runAsUser"]) is int
@@ -323,6 +325,8 @@ def test_graceful_drain_timing(chart: helm.Chart) -> None:
 
     exec_mode = server_container(render(chart, CASES["exec-prestop-emulator"]))
     assert exec_mode["lifecycle"]["preStop"] == {"exec": {"command": ["/bin/sleep", "5"]}}
+    explicit = server_container(render(chart, {"lifecycle": {"preStopMode": "sleep"}}))
+    assert explicit["lifecycle"]["preStop"] == {"sleep": {"seconds": 5}}
 
 
 def test_production_scaling_and_disruption(chart: helm.Chart) -> None:
@@ -390,8 +394,19 @@ def test_monitoring_objects_and_labels(chart: helm.Chart) -> None:
     assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     assert rule["spec"]["groups"], "PrometheusRule without rule groups"
 
+    dashboards = objects[("ConfigMap", f"{FULLNAME}-dashboards")]
+    assert dashboards["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert dashboards["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert dashboards["metadata"]["annotations"] == {"grafana_folder": "Platform"}
+    shipped = sorted(p.name for p in (CHART / "dashboards").glob("*.json"))
+    assert shipped
+    assert sorted(dashboards["data"]) == shipped
+    assert sum(len(v.encode()) for v in dashboards["data"].values()) < 1024 * 1024
+
+    defaults = render(chart, {})
     for kind in CRD_KINDS:
-        assert of_kind(render(chart, {}), kind) == []
+        assert of_kind(defaults, kind) == []
+    assert ("ConfigMap", f"{FULLNAME}-dashboards") not in defaults
 
 
 def test_dashboard_config_map_ships_every_dashboard(tmp_path: Path) -> None:

@@ -227,6 +227,32 @@ async def test_token_file_rotation_reaches_the_next_refresh(
     assert [c["OIDCToken"] for c in sts.calls] == [TOKEN_A, TOKEN_B]
 
 
+async def test_every_secret_reaches_the_redactor_before_use(
+    tmp_path: Path,
+    sts: StsStandIn,
+    token_file: Path,
+    http: httpx.AsyncClient,
+    clock: FakeClock,
+) -> None:
+    secrets_seen: list[str] = []
+    chain = default_credentials_provider(
+        oidc_env(tmp_path, sts, token_file),
+        http=http,
+        home=tmp_path,
+        clock=clock,
+        on_secret=secrets_seen.append,
+    )
+    try:
+        first = await chain.get()
+        await chain.get()
+        assert secrets_seen == [TOKEN_A, first.access_key_secret, first.security_token]
+        clock.advance(HOUR)
+        second = await chain.get()
+        assert secrets_seen[3:] == [TOKEN_A, second.access_key_secret, second.security_token]
+    finally:
+        await chain.aclose()
+
+
 async def test_refresh_before_expiry_never_blocks_concurrent_calls(
     tmp_path: Path,
     sts: StsStandIn,

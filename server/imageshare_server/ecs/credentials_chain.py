@@ -87,10 +87,13 @@ class _Builder:
         self,
         env: Mapping[str, str],
         http: httpx.AsyncClient,
+        *,
         clock: Clock,
         metadata: str | None,
         refresh_margin: float,
+        on_secret: SecretSink,
     ) -> None:
+        self.on_secret = on_secret
         self.env = env
         self.http = http
         self.clock = clock
@@ -129,6 +132,7 @@ class _Builder:
             role_session_name=spec.role_session_name or default_session_name(),
             duration_seconds=spec.duration_seconds,
             policy=spec.policy,
+            on_token=self.on_secret,
         )
 
     def ecs_ram_role(self, role_name: str | None) -> EcsRamRoleFetcher:
@@ -159,6 +163,11 @@ class _Builder:
 
 
 Candidate = tuple[str, Callable[[], NamedProvider]]
+SecretSink = Callable[[str], None]
+
+
+def _ignore(_: str) -> None:
+    return None
 
 
 def _is_true(env: Mapping[str, str], name: str) -> bool:
@@ -262,7 +271,10 @@ class ChainCredentialsProvider:
         candidates: list[Candidate],
         *,
         owned_http: httpx.AsyncClient | None = None,
+        on_secret: SecretSink = _ignore,
     ) -> None:
+        self._on_secret = on_secret
+        self._last: Credentials | None = None
         self._candidates = candidates
         self._owned_http = owned_http
         self._chosen: NamedProvider | None = None
@@ -279,12 +291,21 @@ class ChainCredentialsProvider:
 
     async def get(self) -> Credentials:
         chosen = self._chosen
-        if chosen is not None:
-            return await chosen.get()
-        async with self._lock:
-            if self._chosen is None:
-                return await self._choose()
-        return await self._chosen.get()
+        if chosen is None:
+            async with self._lock:
+                if self._chosen is None:
+                    return self._seen(await self._choose())
+                chosen = self._chosen
+        return self._seen(await chosen.get())
+
+    def _seen(self, credentials: Credentials) -> Credentials:
+        """Hand every new secret to the log redactor before anything can log it."""
+        if credentials is not self._last:
+            self._last = credentials
+            self._on_secret(credentials.access_key_secret)
+            if credentials.security_token:
+                self._on_secret(credentials.security_token)
+        return credentials
 
     async def _choose(self) -> Credentials:
         errors: list[str] = []
@@ -327,16 +348,28 @@ def default_credentials_provider(
     metadata_endpoint: str | None = None,
     clock: Clock | None = None,
     refresh_margin: float = REFRESH_MARGIN_SECONDS,
+    on_secret: SecretSink = _ignore,
 ) -> ChainCredentialsProvider:
     """Build the default chain from ``env`` (default ``os.environ``) without network I/O.
 
     ``http`` is used for STS, the metadata service and credentials URIs; when omitted
     the chain creates and owns one. ``metadata_endpoint`` (or the environment variable
     ``ALIBABA_CLOUD_ECS_METADATA_ENDPOINT``) replaces ``http://100.100.100.200``.
+    ``on_secret`` receives every AccessKey secret, STS token and OIDC token the chain
+    obtains, before they are used, so a log redactor can learn them.
     """
     env = os.environ if env is None else env
     owned = None
     if http is None:
         http = owned = httpx.AsyncClient()
-    builder = _Builder(env, http, clock or time.time, metadata_endpoint, refresh_margin)
-    return ChainCredentialsProvider(_candidates(builder, _home(env, home)), owned_http=owned)
+    builder = _Builder(
+        env,
+        http,
+        clock=clock or time.time,
+        metadata=metadata_endpoint,
+        refresh_margin=refresh_margin,
+        on_secret=on_secret,
+    )
+    return ChainCredentialsProvider(
+        _candidates(builder, _home(env, home)), owned_http=owned, on_secret=on_secret
+    )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ class OidcRoleArnFetcher:
     role_session_name: str
     duration_seconds: int = DEFAULT_DURATION_SECONDS
     policy: str | None = None
+    on_token: Callable[[str], None] | None = None
 
     async def _read_token(self) -> str:
         try:
@@ -45,6 +47,8 @@ class OidcRoleArnFetcher:
         token = token.strip()
         if not token:
             raise CredentialsUnavailable(f"OIDC token file {str(self.token_file)!r} is empty")
+        if self.on_token is not None:
+            self.on_token(token)
         return token
 
     async def __call__(self) -> ExpiringCredentials:

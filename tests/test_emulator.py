@@ -935,3 +935,13 @@ def test_cli_rejects_a_bad_data_file(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert json.loads(result.stderr.strip().splitlines()[-1])["event"] == "emulator_failed"
+
+
+def test_stop_hangs_up_on_kept_alive_clients() -> None:
+    emu = Emulator(credentials={KEY_ID: SECRET})
+    emu.start()
+    with httpx.Client(timeout=5) as keep_alive:
+        assert v3(emu, keep_alive, image("m-demo0000002")).status_code == 200
+        emu.stop()
+        with pytest.raises(httpx.TransportError):
+            v3(emu, keep_alive, image("m-demo0000002"))

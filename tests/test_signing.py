@@ -13,6 +13,7 @@ from alibabacloud_tea_openapi.utils import Utils as SdkUtils
 from alibabacloud_tea_openapi.utils import get_canonicalized_headers
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from imageshare_server.ecs import signing
 from imageshare_server.ecs.credentials import Credentials
 

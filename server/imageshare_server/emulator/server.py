@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -33,7 +34,9 @@ def new_request_id() -> str:
 
 
 @dataclass
-class _Response:
+class EmulatorResponse:
+    """An answer before it is written, so faults can still mangle it."""
+
     status: int
     body: bytes
     content_type: str
@@ -51,7 +54,31 @@ class _HTTPServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], emulator: Emulator) -> None:
         self.emulator = emulator
+        self._connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
         super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._connections_lock:
+            self._connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._connections_lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        """Hang up on kept-alive clients, so that a stopped emulator really stops answering."""
+        with self._connections_lock:
+            connections = list(self._connections)
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Clients hanging up mid-answer are routine here (faults, timeouts): no stderr traceback.
+        logger.debug("emulator connection error", exc_info=True)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -119,7 +146,7 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             knobs.leave(outcome, request.signature_version)
 
-    def _send(self, response: _Response, fault: Fault | None = None) -> None:
+    def _send(self, response: EmulatorResponse, fault: Fault | None = None) -> None:
         body, content_type = response.body, response.content_type
         if fault is not None and fault.mode == "malformed":
             body, content_type = MALFORMED_BODY, "text/html"
@@ -180,7 +207,7 @@ class Emulator:
         credentials: Mapping[str, str] | None = None,
     ) -> None:
         self.host = host
-        self._requested_port = port
+        self._port = port
         self.data = data if data is not None else demo_data()
         self.credential_store = CredentialStore(
             credentials if credentials is not None else default_keys()
@@ -192,21 +219,21 @@ class Emulator:
 
     @property
     def port(self) -> int:
-        if self._server is None:
-            return self._requested_port
-        return int(self._server.server_address[1])
+        """The bound port once started (and after stop), else the one asked for."""
+        return self._port
 
     @property
     def url(self) -> str:
-        if self._server is None:
+        if self._port == 0:
             raise RuntimeError("the emulator is not started")
-        return f"http://{self.host}:{self.port}"
+        return f"http://{self.host}:{self._port}"
 
     def start(self) -> None:
         """Bind and serve in a background thread; returns once the socket is listening."""
         if self._server is not None:
             return
-        self._server = _HTTPServer((self.host, self._requested_port), self)
+        self._server = _HTTPServer((self.host, self._port), self)
+        self._port = int(self._server.server_address[1])
         self._thread = threading.Thread(
             target=self._server.serve_forever,
             kwargs={"poll_interval": 0.05},
@@ -222,6 +249,7 @@ class Emulator:
             return
         server.shutdown()
         server.server_close()
+        server.close_connections()
         if self._thread is not None:
             self._thread.join(timeout=5)
 
@@ -232,7 +260,7 @@ class Emulator:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def answer(self, request: IncomingRequest, fault: Fault | None = None) -> _Response:
+    def answer(self, request: IncomingRequest, fault: Fault | None = None) -> EmulatorResponse:
         """Authenticate, admit and run one API call; every failure becomes an ECS error."""
         request_id = new_request_id()
         params = request.params
@@ -253,12 +281,12 @@ class Emulator:
             document = api.describe_image_share_permission(params, self.data, request_id)
             self.knobs.answered(document["RegionId"], document["ImageId"])
             body, content_type = render(f"{api.ACTION}Response", document, as_xml)
-            return _Response(200, body, content_type, request_id)
+            return EmulatorResponse(200, body, content_type, request_id)
         except errors.ApiError as exc:
             host_id = request.header("host") or "ecs.aliyuncs.com"
             document = error_document(request_id, host_id, exc.code, exc.message)
             body, content_type = render("Error", document, as_xml)
-            return _Response(exc.status, body, content_type, request_id, exc.code)
+            return EmulatorResponse(exc.status, body, content_type, request_id, exc.code)
 
     def admin(self, op: str, method: str, kwargs: dict[str, Any]) -> Any:
         """Run an admin operation by name; raises KeyError for an unknown one."""

@@ -13,7 +13,8 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,8 +141,9 @@ def labels(grpc_type: str, method: str, service: str = SERVICE, **extra: str) ->
     return tuple(sorted(values.items()))
 
 
-@pytest.fixture
-async def harness() -> AsyncIterator[Harness]:
+@asynccontextmanager
+async def serve(extra: dict[str, grpc.RpcMethodHandler] | None = None) -> AsyncIterator[Harness]:
+    """A real server on loopback with the interceptor, a fresh registry and a log capture."""
     registry = CollectorRegistry()
     logger = logging.getLogger(f"test.rpc.{uuid.uuid4().hex}")
     logger.propagate = False
@@ -160,6 +162,7 @@ async def harness() -> AsyncIterator[Harness]:
                     "Write": grpc.unary_stream_rpc_method_handler(write),
                     "Collect": grpc.stream_unary_rpc_method_handler(collect),
                     "CollectByRead": grpc.stream_unary_rpc_method_handler(collect_by_read),
+                    **(extra or {}),
                 },
             )
         ]
@@ -177,6 +180,12 @@ async def harness() -> AsyncIterator[Harness]:
             yield Harness(channel, registry, capture, health)
     finally:
         await server.stop(None)
+
+
+@pytest.fixture
+async def harness() -> AsyncIterator[Harness]:
+    async with serve() as running:
+        yield running
 
 
 async def test_unary_ok_counts_once_and_logs_handler_fields(harness: Harness) -> None:
@@ -394,3 +403,33 @@ async def test_initialize_exports_zero_series() -> None:
 def test_rpc_log_fields_outside_a_call_is_a_throwaway() -> None:
     rpc_log_fields()["cache"] = "hit"
     assert rpc_log_fields() == {}
+
+
+async def test_sync_handlers_are_counted_too() -> None:
+    def unimplemented(request: bytes, context: grpc.ServicerContext) -> bytes:
+        # What a generated servicer base class does for a method nobody overrode.
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        raise NotImplementedError("Method not implemented!")
+
+    def sync_stream(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        yield from (b"a", b"b")
+
+    async with serve(
+        {
+            "SyncUnary": grpc.unary_unary_rpc_method_handler(unimplemented),
+            "SyncStream": grpc.unary_stream_rpc_method_handler(sync_stream),
+        }
+    ) as harness:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await harness.call("unary_unary", "SyncUnary")(b"x")
+        assert raised.value.code() is grpc.StatusCode.UNIMPLEMENTED
+        assert [r async for r in harness.call("unary_stream", "SyncStream")(b"x")] == [b"a", b"b"]
+        await harness.logs.wait_for_lines(2)
+
+        assert harness.series("grpc_server_handled_total") == {
+            labels("unary", "SyncUnary", grpc_code="Unimplemented"): 1,
+            labels("server_stream", "SyncStream", grpc_code="OK"): 1,
+        }
+        assert harness.series("grpc_server_msg_sent_total") == {
+            labels("server_stream", "SyncStream"): 2
+        }

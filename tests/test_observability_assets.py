@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -331,7 +332,7 @@ def test_redacting_filter_scrubs_records_for_other_formatters() -> None:
 def test_configure_logging_routes_uncaught_exceptions_through_redaction() -> None:
     register_secret(TOKEN)
     root = logging.getLogger()
-    saved = (list(root.handlers), root.level, sys.excepthook)
+    saved = (list(root.handlers), root.level, sys.excepthook, threading.excepthook)
     stream = io.StringIO()
     try:
         configure_logging("debug", stream=stream)
@@ -342,14 +343,20 @@ def test_configure_logging_routes_uncaught_exceptions_through_redaction() -> Non
             _fail_with_secret()
         except RuntimeError:
             sys.excepthook(*sys.exc_info())
+        thread = threading.Thread(target=_fail_with_secret, name="metrics-http")
+        thread.start()
+        thread.join()
     finally:
         for handler in [h for h in root.handlers if h not in saved[0]]:
             root.removeHandler(handler)
         root.setLevel(saved[1])
         sys.excepthook = saved[2]
+        threading.excepthook = saved[3]
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
-    assert len(lines) == 1  # httpx quiet below WARNING; debug filtered at info
-    assert lines[0]["level"] == "critical" and "RuntimeError" in lines[0]["exc"]
+    assert len(lines) == 2  # httpx quiet below WARNING; debug filtered at info
+    for line in lines:
+        assert line["level"] == "critical" and "RuntimeError" in line["exc"]
+    assert "metrics-http" in lines[1]["msg"]
     _assert_clean(stream.getvalue())
 
 

@@ -211,9 +211,10 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     ``log_rpcs`` writes one JSON line per RPC on the ``imageshare.rpc`` logger
     (INFO; WARNING for server-fault codes; DEBUG for ``quiet_services``).
 
-    Only ``async def`` handlers and async generators are supported, which is
-    what grpc.aio servicers (ours, health, reflection) are; a sync handler is
-    rejected when its call arrives rather than silently left uncounted.
+    Handlers may be ``async def`` (returning, or using ``context.write``),
+    async generators, or sync functions and generators (which grpc.aio runs
+    in an executor). Install it first in the interceptor list so that it
+    sees the outcome of every other interceptor too.
     """
 
     def __init__(
@@ -349,7 +350,8 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         *,
         streaming_request: bool,
     ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
-        _require_async(behavior, labels)
+        if not inspect.iscoroutinefunction(behavior):
+            return self._sync(behavior, labels, streaming_request=streaming_request)
 
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
             call = _Call(self, labels)
@@ -386,8 +388,8 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         # coroutine (not later, in the generator's finaliser), and the
         # handler's own cleanup runs before the call is accounted for.
         is_generator = inspect.isasyncgenfunction(behavior)
-        if not is_generator:
-            _require_async(behavior, labels)
+        if not is_generator and not inspect.iscoroutinefunction(behavior):
+            return self._sync(behavior, labels, streaming_request=streaming_request)
 
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> None:
             call = _Call(self, labels)
@@ -418,9 +420,97 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         return handle
 
+    def _sync(
+        self,
+        behavior: Callable[..., Any],
+        labels: tuple[str, str, str],
+        *,
+        streaming_request: bool,
+    ) -> Callable[[Any, Any], Any]:
+        """Account for a sync handler, which grpc.aio runs in an executor thread.
 
-def _require_async(behavior: Callable[..., Any], labels: tuple[str, str, str]) -> None:
-    if not inspect.iscoroutinefunction(behavior):
-        raise TypeError(
-            f"GrpcMetricsInterceptor needs async handlers; /{labels[1]}/{labels[2]} is sync"
-        )
+        The generated servicer base class is sync (its methods answer
+        UNIMPLEMENTED), so such calls happen even in an all-async server.
+        Sync handlers get no :func:`rpc_log_fields` binding: a generator's
+        steps may run in different threads, each with its own context.
+        """
+        response_streaming = labels[0] in ("server_stream", "bidi_stream")
+
+        def handle(request: Any, sync_context: Any) -> Any:
+            context = _SyncContextProxy(sync_context)
+            call = _Call(self, labels)
+            if streaming_request:
+                request = _SyncCountingIterator(request, call)
+            else:
+                call.message_received()
+            try:
+                result = behavior(request, context)
+            except BaseException as error:
+                call.finish(context, error)
+                raise
+            if response_streaming:
+                return _sync_responses(result, call, context)
+            code = context.code()
+            if code is None or code is grpc.StatusCode.OK:
+                call.message_sent()
+            call.finish(context, None)
+            return result
+
+        return handle
+
+
+class _SyncContextProxy:
+    """A sync servicer context that remembers the code set on it (it has no ``code()``)."""
+
+    __slots__ = ("_code", "_context")
+
+    def __init__(self, context: Any) -> None:
+        self._context = context
+        self._code: grpc.StatusCode | None = None
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self._code = code
+        self._context.set_code(code)
+
+    def abort(self, code: grpc.StatusCode, *args: Any, **kwargs: Any) -> None:
+        self._code = code
+        self._context.abort(code, *args, **kwargs)
+
+    def code(self) -> grpc.StatusCode | None:
+        return self._code
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+class _SyncCountingIterator:
+    __slots__ = ("_call", "_iterator")
+
+    def __init__(self, requests: Any, call: _Call) -> None:
+        self._iterator = iter(requests)
+        self._call = call
+
+    def __iter__(self) -> _SyncCountingIterator:
+        return self
+
+    def __next__(self) -> Any:
+        message = next(self._iterator)
+        self._call.message_received()
+        return message
+
+
+def _sync_responses(responses: Any, call: _Call, context: Any) -> Any:
+    exc: BaseException | None = None
+    try:
+        for response in responses:
+            yield response
+            call.message_sent()
+    except GeneratorExit:
+        # grpc.aio closes the generator when the call is cancelled.
+        exc = asyncio.CancelledError()
+        raise
+    except BaseException as error:
+        exc = error
+        raise
+    finally:
+        call.finish(context, exc)

@@ -213,8 +213,8 @@ def configure_logging(level: str | int = "info", *, stream: TextIO | None = None
     """Send every log record to ``stream`` (stderr) as redacted JSON lines.
 
     Idempotent: calling it again replaces the handler it installed before.
-    Also routes uncaught exceptions through the same formatter, so their
-    tracebacks are redacted too.
+    Also routes uncaught exceptions (main thread and other threads) through
+    the same formatter, so their tracebacks are redacted too.
     """
     root = logging.getLogger()
     for previous in [h for h in root.handlers if isinstance(h, _StderrJsonHandler)]:
@@ -226,12 +226,23 @@ def configure_logging(level: str | int = "info", *, stream: TextIO | None = None
     for name in _CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
     sys.excepthook = _log_uncaught
+    threading.excepthook = _log_uncaught_in_thread
 
 
 def _log_uncaught(
     exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None
 ) -> None:
     logging.getLogger("imageshare").critical("uncaught exception", exc_info=(exc_type, exc, tb))
+
+
+def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    logging.getLogger("imageshare").critical(
+        "uncaught exception in thread %s",
+        args.thread.name if args.thread is not None else "?",
+        exc_info=(args.exc_type, args.exc_value or args.exc_type(), args.exc_traceback),
+    )
 
 
 _rpc_fields: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(

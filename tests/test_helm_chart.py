@@ -286,6 +286,11 @@ def test_rrsa_through_the_ack_webhook(chart: helm.Chart) -> None:
     # The webhook injects the variables and the token; the chart must not duplicate them.
     assert not any(n.startswith("ALIBABA_CLOUD_") for n in env_names(server_container(objects)))
     assert "rrsa-token" not in {v["name"] for v in pod["volumes"]}
+    # Without the namespace label the webhook injects nothing: the notes must say so.
+    notes = render_raw(chart, production_values())["imageshare/templates/NOTES.txt"]
+    assert f"kubectl label namespace {NAMESPACE} pod-identity.alibabacloud.com/injection=on" in (
+        notes
+    )
 
 
 def test_rrsa_wired_explicitly_without_the_webhook(chart: helm.Chart) -> None:

@@ -791,3 +791,26 @@ async def test_sts_credentials_sign_a_call_the_emulator_accepts(
         # The emulator checks the STS token that travels with temporary credentials.
         forged = Credentials(creds.access_key_id, creds.access_key_secret, "CAISforged")
         assert (await describe(forged)).status_code != 200
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "code"),
+    [
+        ("ALIBABA_CLOUD_ROLE_ARN", "acs:ram::123:role/x", "InvalidParameter.RoleArn"),
+        ("ALIBABA_CLOUD_OIDC_PROVIDER_ARN", "arn:bad", "InvalidParameter.OIDCProviderArn"),
+    ],
+)
+async def test_sts_stand_in_rejects_malformed_arns(
+    tmp_path: Path,
+    sts: StsStandIn,
+    token_file: Path,
+    http: httpx.AsyncClient,
+    chains: list[ChainCredentialsProvider],
+    variable: str,
+    value: str,
+    code: str,
+) -> None:
+    env = {**oidc_env(tmp_path, sts, token_file), variable: value}
+    with pytest.raises(CredentialsUnavailable, match=f"HTTP 400 {code}"):
+        await build(chains, env, http).get()
+    assert sts.issued == []

@@ -250,7 +250,7 @@ async def test_unary_failures_use_the_code_the_client_sees(
 
 async def test_deadline_exceeded_is_told_apart_from_cancellation(harness: Harness) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await harness.call("unary_unary", "Unary")(b"hang", timeout=0.2)
+        await harness.call("unary_unary", "Unary")(b"hang", timeout=0.5)
     assert raised.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
     (line,) = await harness.logs.wait_for_lines(1)
 
@@ -433,3 +433,29 @@ async def test_sync_handlers_are_counted_too() -> None:
         assert harness.series("grpc_server_msg_sent_total") == {
             labels("server_stream", "SyncStream"): 2
         }
+
+
+async def test_concurrent_mixed_calls_each_count_once(harness: Harness) -> None:
+    unary_call = harness.call("unary_unary", "Unary")
+
+    async def one(kind: int) -> None:
+        if kind == 0:
+            await unary_call(b"ping")
+        elif kind == 1:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await unary_call(b"notfound")
+        else:
+            call = harness.call("unary_stream", "Generate")(b"hang")
+            await call.read()
+            call.cancel()
+
+    await asyncio.gather(*(one(i % 3) for i in range(30)))
+    await harness.logs.wait_for_lines(30)
+
+    assert harness.series("grpc_server_handled_total") == {
+        labels("unary", "Unary", grpc_code="OK"): 10,
+        labels("unary", "Unary", grpc_code="NotFound"): 10,
+        labels("server_stream", "Generate", grpc_code="Canceled"): 10,
+    }
+    assert sum(harness.series("grpc_server_started_total").values()) == 30
+    assert len(harness.logs.lines) == 30

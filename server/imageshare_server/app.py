@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import signal
 import sys
@@ -22,8 +23,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from imageshare.v1 import image_share_pb2, image_share_pb2_grpc
+from imageshare.v1 import image_share_pb2
 from imageshare_server import __version__
+from imageshare_server.cache import CachePolicy, ShareCache
 from imageshare_server.config import (
     Settings,
     build_parser,
@@ -31,24 +33,30 @@ from imageshare_server.config import (
     settings_from,
     split_host_port,
 )
-from imageshare_server.ecs.client import EcsClient, RetryPolicy, SignatureVersion
+from imageshare_server.ecs.client import EcsClient, SignatureVersion
 from imageshare_server.ecs.credentials import (
     DEMO_ACCESS_KEY_ID,
     DEMO_ACCESS_KEY_SECRET,
     Credentials,
     CredentialsProvider,
+    CredentialsUnavailable,
     StaticCredentialsProvider,
-    credentials_from_env,
 )
+from imageshare_server.ecs.credentials_chain import default_credentials_provider
 from imageshare_server.ecs.endpoints import EndpointResolver
+from imageshare_server.ecs.retry import RetryBudget, RetryPolicy
+from imageshare_server.flight import FlightOptions
+from imageshare_server.observability.grpc_metrics import GrpcMetricsInterceptor
 from imageshare_server.observability.logging import configure_logging, register_secret
-from imageshare_server.service import ImageShareService
-from imageshare_server.source import UpstreamShareSource
+from imageshare_server.ratelimit import UpstreamRateLimiter
+from imageshare_server.service import ImageShareService, add_to_server
+from imageshare_server.source import SharedShareSource
 from imageshare_server.tls import TlsConfigError, server_credentials
 
 log = logging.getLogger("imageshare.server")
 
 SERVICE_NAME = image_share_pb2.DESCRIPTOR.services_by_name["ImageShareService"].full_name
+LIST_METHOD = f"/{SERVICE_NAME}/ListImageShares"
 # Requests are a few hundred bytes; anything near this limit is abuse.
 MAX_RECEIVE_MESSAGE_BYTES = 64 * 1024
 MAX_SEND_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -80,18 +88,24 @@ class Runtime:
     closers: list[Any] = field(default_factory=list)
 
 
-def _credentials(settings: Settings) -> CredentialsProvider:
+async def _credentials(settings: Settings, closers: list[Any]) -> CredentialsProvider:
+    """The official default chain; resolved once at start so a misconfiguration fails fast."""
     if settings.emulator:
         return StaticCredentialsProvider(Credentials(DEMO_ACCESS_KEY_ID, DEMO_ACCESS_KEY_SECRET))
-    credentials = credentials_from_env()
-    if credentials is None:
+    provider = default_credentials_provider(on_secret=register_secret)
+    closers.append(provider.aclose)
+    try:
+        await provider.get()
+    except CredentialsUnavailable as exc:
         raise StartupError(
-            "no upstream credentials: set ALIBABA_CLOUD_ACCESS_KEY_ID and "
-            "ALIBABA_CLOUD_ACCESS_KEY_SECRET (or run with --emulator)"
-        )
-    register_secret(credentials.access_key_secret)
-    register_secret(credentials.security_token)
-    return StaticCredentialsProvider(credentials)
+            f"no upstream credentials: {exc} (set ALIBABA_CLOUD_ACCESS_KEY_ID and "
+            "ALIBABA_CLOUD_ACCESS_KEY_SECRET, use RRSA, or run with --emulator)"
+        ) from None
+    log.info(
+        "upstream credentials resolved",
+        extra={"event": "credentials", "source": provider.describe()},
+    )
+    return provider
 
 
 def _bind(server: grpc.aio.Server, settings: Settings) -> int:
@@ -126,11 +140,48 @@ def _start_emulator(settings: Settings, closers: list[Any]) -> Settings:
     return replace(settings, upstream_endpoint=emulator.url)
 
 
+def build_source(
+    settings: Settings,
+    http: httpx.AsyncClient,
+    credentials: CredentialsProvider,
+    endpoints: EndpointResolver,
+) -> SharedShareSource:
+    """The upstream client with its protections, behind the cache and single-flight."""
+    signature: SignatureVersion = "v1" if settings.signature_version == "v1" else "v3"
+    client = EcsClient(
+        http,
+        credentials,
+        endpoints,
+        signature_version=signature,
+        read_timeout=settings.read_timeout,
+        retry=RetryPolicy(max_attempts=settings.upstream_max_attempts),
+        retry_gate=RetryBudget(ratio=settings.retry_budget_ratio),
+        limiter=UpstreamRateLimiter(settings.upstream_qps, settings.upstream_burst),
+    )
+    cache = ShareCache(
+        CachePolicy(
+            ttl=settings.cache_ttl,
+            stale_while_revalidate=settings.cache_stale_while_revalidate,
+            stale_if_error=settings.cache_stale_if_error,
+            negative_ttl=settings.cache_negative_ttl,
+            max_entries=settings.cache_max_entries,
+            max_bytes=settings.cache_max_bytes,
+        )
+    )
+    options = FlightOptions(
+        page_size=settings.upstream_page_size,
+        max_parallel_pages=settings.upstream_parallel_pages,
+    )
+    return SharedShareSource(
+        client, cache, options, max_parallel_pages_total=settings.upstream_max_in_flight
+    )
+
+
 async def start(settings: Settings) -> Runtime:
     """Bind, wire and start everything; returns once health says SERVING."""
     closers: list[Any] = []
     settings = _start_emulator(settings, closers)
-    credentials = _credentials(settings)
+    credentials = await _credentials(settings, closers)
     endpoints = EndpointResolver(settings.upstream_endpoint or None, vpc=settings.upstream_vpc)
     http = httpx.AsyncClient(
         timeout=httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout),
@@ -140,18 +191,12 @@ async def start(settings: Settings) -> Runtime:
         trust_env=False,
         headers={"user-agent": f"imageshare/{__version__}"},
     )
-    signature: SignatureVersion = "v1" if settings.signature_version == "v1" else "v3"
-    client = EcsClient(
-        http,
-        credentials,
-        endpoints,
-        signature_version=signature,
-        read_timeout=settings.read_timeout,
-        retry=RetryPolicy(max_attempts=settings.upstream_max_attempts),
-    )
-    source = UpstreamShareSource(client, page_size=settings.upstream_page_size)
+    source = build_source(settings, http, credentials, endpoints)
 
+    interceptor = GrpcMetricsInterceptor()
+    interceptor.initialize(LIST_METHOD, "server_stream")
     server = grpc.aio.server(
+        interceptors=[interceptor],
         options=[
             ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_SEND_MESSAGE_BYTES),
@@ -160,9 +205,10 @@ async def start(settings: Settings) -> Runtime:
             ("grpc.keepalive_timeout_ms", 20_000),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ],
-        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
-    image_share_pb2_grpc.add_ImageShareServiceServicer_to_server(ImageShareService(source), server)
+    # The concurrency limit lives in the service, not in grpc's
+    # maximum_concurrent_rpcs, so that health checks never count against it.
+    add_to_server(ImageShareService(source, max_concurrent=settings.max_concurrent_rpcs), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -211,7 +257,9 @@ async def shutdown(runtime: Runtime, stop_now: asyncio.Event) -> None:
     forced.cancel()
     await runtime.http.aclose()
     for close in reversed(runtime.closers):
-        close()
+        result = close()
+        if inspect.isawaitable(result):
+            await result
     log.info("stopped", extra={"event": "stopped"})
 
 

@@ -45,6 +45,28 @@ class Settings:
         False, "Run the embedded ECS emulator (demo data, demo credentials) as the upstream."
     )
     cache_ttl: float = _opt(60.0, "Seconds a share list stays fresh in the cache; 0 disables it.")
+    cache_stale_while_revalidate: float = _opt(
+        30.0, "Seconds after the TTL a list is still served while one background refresh runs."
+    )
+    cache_stale_if_error: float = _opt(
+        600.0, "Seconds after the TTL a list is served when the upstream fails transiently."
+    )
+    cache_negative_ttl: float = _opt(5.0, "Seconds a NotFound answer is cached; 0 disables it.")
+    cache_max_entries: int = _opt(10_000, "Most share lists the in-process cache holds (LRU).")
+    cache_max_bytes: int = _opt(
+        64 * 1024 * 1024, "Approximate memory bound of the in-process cache, bytes (LRU)."
+    )
+    upstream_qps: float = _opt(
+        20.0, "Upstream calls per second per region, for all callers together; 0: no limit."
+    )
+    upstream_burst: int = _opt(20, "Upstream calls that may go at once before the QPS applies.")
+    upstream_parallel_pages: int = _opt(
+        10, "Pages of one share list read at the same time after page 1."
+    )
+    upstream_max_in_flight: int = _opt(64, "Upstream calls under way at once, in all.")
+    retry_budget_ratio: float = _opt(
+        0.1, "Retries allowed per first attempt (retry budget); bounds retries in an outage."
+    )
     connect_timeout: float = _opt(5.0, "Upstream connect timeout, seconds.")
     read_timeout: float = _opt(10.0, "Upstream read timeout per attempt, seconds.")
     upstream_page_size: int = _opt(100, "PageSize of upstream calls (1-100).")
@@ -77,8 +99,25 @@ class Settings:
             raise ValueError("upstream_page_size must be between 1 and 100")
         if self.upstream_max_attempts < 1:
             raise ValueError("upstream_max_attempts must be at least 1")
-        if self.cache_ttl < 0:
-            raise ValueError("cache_ttl must not be negative")
+        for name in (
+            "cache_ttl",
+            "cache_stale_while_revalidate",
+            "cache_stale_if_error",
+            "cache_negative_ttl",
+            "upstream_qps",
+            "retry_budget_ratio",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+        for name in (
+            "cache_max_entries",
+            "cache_max_bytes",
+            "upstream_burst",
+            "upstream_parallel_pages",
+            "upstream_max_in_flight",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
         if self.max_concurrent_rpcs < 1:
             raise ValueError("max_concurrent_rpcs must be at least 1")
         for name in ("connect_timeout", "read_timeout", "grace_period"):

@@ -149,6 +149,32 @@ def listing_unstable(error: ListingUnstableError) -> RpcError:
     return _status(grpc.StatusCode.ABORTED, str(error), info)
 
 
+def rate_limited(wait: float) -> RpcError:
+    info = error_details_pb2.ErrorInfo(reason="UPSTREAM_RATE_LIMITED", domain=SERVICE_DOMAIN)
+    retry_info = error_details_pb2.RetryInfo()
+    retry_info.retry_delay.FromNanoseconds(int(wait * 1e9))
+    return _status(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"the service's upstream rate limit has no slot before the deadline (next in {wait:.2f}s)",
+        info,
+        retry_info,
+    )
+
+
+def overloaded(limit: int) -> RpcError:
+    info = error_details_pb2.ErrorInfo(
+        reason="TOO_MANY_CONCURRENT_CALLS", domain=SERVICE_DOMAIN, metadata={"limit": str(limit)}
+    )
+    retry_info = error_details_pb2.RetryInfo()
+    retry_info.retry_delay.FromMilliseconds(100)
+    return _status(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"the server is at its limit of {limit} concurrent calls; retry with backoff",
+        info,
+        retry_info,
+    )
+
+
 def internal_error() -> RpcError:
     info = error_details_pb2.ErrorInfo(reason="INTERNAL", domain=SERVICE_DOMAIN)
     return _status(grpc.StatusCode.INTERNAL, "internal error", info)

@@ -1,4 +1,4 @@
-"""Read a complete share list from the upstream, page by page.
+"""Rules a complete share list must satisfy, page by page.
 
 The upstream has no continuation token: if the list changes between page
 reads, pages overlap or skip entries. The reader checks every page against
@@ -8,13 +8,8 @@ the last) and refuses to pass on an inconsistent snapshot.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-from imageshare_server.ecs.client import EcsClient
 from imageshare_server.ecs.model import SharePage
 from imageshare_server.errors import ListingUnstableError
-from imageshare_server.observability import metrics
-from imageshare_server.validation import ShareKey
 
 
 def page_count(total_count: int, page_size: int) -> int:
@@ -48,31 +43,3 @@ class SnapshotChecker:
         if len(ids) != len(page.accounts) or not self._seen.isdisjoint(ids):
             raise ListingUnstableError(f"page {page_number} repeats accounts of earlier pages")
         self._seen |= ids
-
-
-async def read_pages(
-    client: EcsClient, key: ShareKey, *, page_size: int, deadline: float | None
-) -> AsyncIterator[SharePage]:
-    """Yield every page of ``key`` in order, sequentially, each checked for consistency."""
-    first = await client.describe_image_share_permission(
-        key.region_id,
-        key.image_id,
-        owner_account=key.owner_account,
-        page_number=1,
-        page_size=page_size,
-        deadline=deadline,
-    )
-    checker = SnapshotChecker(first, page_size)
-    yield first
-    for number in range(2, checker.pages + 1):
-        page = await client.describe_image_share_permission(
-            key.region_id,
-            key.image_id,
-            owner_account=key.owner_account,
-            page_number=number,
-            page_size=page_size,
-            deadline=deadline,
-        )
-        checker.add(page, number)
-        yield page
-    metrics.UPSTREAM_PAGES.observe(checker.pages)

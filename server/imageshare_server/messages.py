@@ -13,12 +13,45 @@ from collections.abc import Iterator
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from imageshare.v1 import image_share_pb2
+from imageshare_server.cache import CacheEntry
 from imageshare_server.ecs.model import Account
 from imageshare_server.source import ShareChunk
 from imageshare_server.validation import ShareQuery
 
 Response = image_share_pb2.ListImageSharesResponse
 _CACHED = (image_share_pb2.CACHE_STATUS_HIT, image_share_pb2.CACHE_STATUS_STALE)
+
+
+def cached_messages(entry: CacheEntry, query: ShareQuery) -> list[bytes]:
+    """The serialized messages of a cached list at ``query.page_size``, built once per entry.
+
+    They lack only ``cache_status`` and ``cache_age``; ``hit_suffix`` supplies
+    those per call. Appending a serialized message to another merges them
+    (protobuf's wire format), so a hit costs one small serialization.
+    """
+    messages = entry.messages.get(query.page_size)
+    if messages is None:
+        shares = entry.shares
+        assert shares is not None
+        builder = MessageBuilder(query)
+        chunk = ShareChunk(
+            accounts=shares.accounts,
+            share_groups=shares.share_groups,
+            total_count=shares.total_count,
+            request_ids=(),
+            cache_status=image_share_pb2.CACHE_STATUS_UNSPECIFIED,
+            read_time=shares.read_time,
+        )
+        built = [*builder.feed(chunk), *builder.finish()]
+        messages = [m.SerializeToString() for m in built]
+        entry.messages[query.page_size] = messages
+    return messages
+
+
+def hit_suffix(status: image_share_pb2.CacheStatus.ValueType, stored_monotonic: float) -> bytes:
+    message = Response(cache_status=status)
+    message.cache_age.FromNanoseconds(max(0, int((time.monotonic() - stored_monotonic) * 1e9)))
+    return message.SerializeToString()
 
 
 def account_message(account: Account) -> image_share_pb2.SharedAccount:

@@ -11,12 +11,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import httpx
 
@@ -24,6 +22,7 @@ from imageshare_server.ecs.credentials import CredentialsProvider
 from imageshare_server.ecs.endpoints import EndpointResolver, region_label
 from imageshare_server.ecs.errors import UpstreamApiError, UpstreamError, UpstreamTransportError
 from imageshare_server.ecs.model import Account, SharePage
+from imageshare_server.ecs.retry import RetryPolicy, UnlimitedRetries
 from imageshare_server.ecs.signing import canonical_query, sign_v1, sign_v3
 from imageshare_server.observability import metrics
 
@@ -34,40 +33,22 @@ API_VERSION = "2014-05-26"
 SignatureVersion = Literal["v3", "v1"]
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Exponential backoff with full jitter (AWS architecture blog), capped by the deadline."""
+class RetryGate(Protocol):
+    """Decides whether a retry may be spent (see ``retry.RetryBudget``)."""
 
-    max_attempts: int = 3
-    base_delay: float = 0.1
-    throttle_base_delay: float = 0.5
-    max_delay: float = 5.0
+    def attempt(self) -> None: ...
 
-    def delay(self, retry_number: int, error: UpstreamError) -> float:
-        base = self.base_delay
-        if isinstance(error, UpstreamApiError):
-            if error.retry_after is not None:
-                return min(error.retry_after, self.max_delay)
-            if error.is_throttling:
-                base = self.throttle_base_delay
-        return random.uniform(0, min(self.max_delay, base * 2 ** (retry_number - 1)))
+    def allow_retry(self) -> bool: ...
 
 
-class RetryGate:
-    """Decides whether a retry may be spent. The default always allows it."""
+class Limiter(Protocol):
+    """Waits for an upstream slot in ``region_id`` (see ``ratelimit.UpstreamRateLimiter``)."""
 
-    def attempt(self) -> None:
-        """Record a first attempt."""
-
-    def allow_retry(self) -> bool:
-        return True
+    async def acquire(self, region_id: str, deadline: float | None) -> None: ...
 
 
 class DeadlineExceededError(Exception):
     """Not enough of the caller's deadline is left for another upstream attempt."""
-
-
-Sleeper = Callable[[float], Awaitable[None]]
 
 
 class EcsClient:
@@ -81,7 +62,7 @@ class EcsClient:
         read_timeout: float = 10.0,
         retry: RetryPolicy | None = None,
         retry_gate: RetryGate | None = None,
-        before_attempt: Callable[[float | None], Awaitable[None]] | None = None,
+        limiter: Limiter | None = None,
     ) -> None:
         self._http = http
         self._credentials = credentials
@@ -89,8 +70,8 @@ class EcsClient:
         self._signature_version = signature_version
         self._read_timeout = read_timeout
         self._retry = retry or RetryPolicy()
-        self._gate = retry_gate or RetryGate()
-        self._before_attempt = before_attempt
+        self._gate: RetryGate = retry_gate or UnlimitedRetries()
+        self._limiter = limiter
 
     async def describe_image_share_permission(
         self,
@@ -133,8 +114,8 @@ class EcsClient:
     async def _attempt(
         self, region_id: str, params: Mapping[str, str], deadline: float | None
     ) -> dict[str, Any]:
-        if self._before_attempt is not None:
-            await self._before_attempt(deadline)
+        if self._limiter is not None:
+            await self._limiter.acquire(region_id, deadline)
         timeout = self._read_timeout
         if deadline is not None:
             timeout = min(timeout, deadline - time.monotonic())

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import grpc
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
+from google.rpc import error_details_pb2, status_pb2
 
 from imageshare.v1 import image_share_pb2, image_share_pb2_grpc
 
@@ -25,9 +24,15 @@ class Details:
 
 
 def details(error: grpc.RpcError) -> Details:
-    assert isinstance(error, grpc.Call)
+    """Rich details of a sync (``grpc.Call``) or asyncio (``AioRpcError``) failure."""
+    assert isinstance(error, grpc.Call | grpc.aio.AioRpcError)
     out = Details(error.code(), error.details() or "")
-    status = rpc_status.from_call(error)
+    status = None
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)
+        elif isinstance(value, str):
+            out.trailing[key] = value
     for any_detail in status.details if status else []:
         for kind, attr in (
             (error_details_pb2.ErrorInfo, "error_info"),

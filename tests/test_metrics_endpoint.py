@@ -1,0 +1,152 @@
+"""Scrape the real server's /metrics after real calls: exact counts, labels and no leaks."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from imageshare.v1 import image_share_pb2_grpc
+from tests.support.processes import ServerProcess
+from tests.support.rpc import Request
+
+METHOD = {"grpc_service": "imageshare.v1.ImageShareService", "grpc_method": "ListImageShares"}
+
+
+def scrape(server: ServerProcess) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    text = httpx.get(server.metrics_url, timeout=5).text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def handled(samples, code: str) -> float:
+    return value(
+        samples, "grpc_server_handled_total", grpc_type="server_stream", grpc_code=code, **METHOD
+    )
+
+
+@pytest.fixture
+def metered(start_server) -> ServerProcess:
+    return start_server("--cache-ttl", "0")
+
+
+async def _drive(server: ServerProcess, emulator) -> None:
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        stub = image_share_pb2_grpc.ImageShareServiceStub(channel)
+        ok = [
+            m
+            async for m in stub.ListImageShares(
+                Request(region_id="cn-hangzhou", image_id="m-demo0000001")
+            )
+        ]
+        assert len(ok) == 3
+        for request in (
+            Request(region_id="cn-hangzhou", image_id="m-missing0001"),
+            Request(region_id="bad region", image_id="m-demo0000001"),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError):
+                _ = [m async for m in stub.ListImageShares(request)]
+        emulator.set(latency_ms=2000)
+        with pytest.raises(grpc.aio.AioRpcError) as late:
+            _ = [
+                m
+                async for m in stub.ListImageShares(
+                    Request(region_id="cn-hangzhou", image_id="m-demo0000002"), timeout=0.3
+                )
+            ]
+        assert late.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        call = stub.ListImageShares(Request(region_id="cn-hangzhou", image_id="m-demo0000003"))
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, _wait_in_flight, emulator)
+        call.cancel()
+
+
+def _wait_in_flight(emulator) -> None:
+    end = time.monotonic() + 10
+    while emulator.counters()["in_flight"] < 1:
+        assert time.monotonic() < end
+        time.sleep(0.01)
+
+
+def test_grpc_server_metrics_count_every_call_exactly_once(metered, emulator):
+    asyncio.run(_drive(metered, emulator))
+    end = time.monotonic() + 10
+    while True:
+        samples = scrape(metered)
+        if (
+            sum(
+                handled(samples, c)
+                for c in ("OK", "NotFound", "InvalidArgument", "DeadlineExceeded", "Canceled")
+            )
+            >= 5
+        ):
+            break
+        assert time.monotonic() < end, "the cancelled call was never counted"
+        time.sleep(0.02)
+    assert value(samples, "grpc_server_started_total", grpc_type="server_stream", **METHOD) == 5
+    for code in ("OK", "NotFound", "InvalidArgument", "DeadlineExceeded", "Canceled"):
+        assert handled(samples, code) == 1, code
+    assert handled(samples, "Unknown") == 0 and handled(samples, "Internal") == 0
+    assert (
+        value(samples, "grpc_server_msg_received_total", grpc_type="server_stream", **METHOD) == 5
+    )
+    assert value(samples, "grpc_server_msg_sent_total", grpc_type="server_stream", **METHOD) == 3
+    assert (
+        value(samples, "grpc_server_handling_seconds_count", grpc_type="server_stream", **METHOD)
+        == 5
+    )
+    # Upstream: two OK pages, one NotFound; the region is a label, the image is not.
+    assert (
+        value(
+            samples,
+            "imageshare_upstream_requests_total",
+            action="DescribeImageSharePermission",
+            region="cn-hangzhou",
+            outcome="OK",
+        )
+        >= 2
+    )
+    assert (
+        value(
+            samples,
+            "imageshare_upstream_requests_total",
+            action="DescribeImageSharePermission",
+            region="cn-hangzhou",
+            outcome="InvalidImageId.NotFound",
+        )
+        == 1
+    )
+    assert value(samples, "imageshare_build_info", version="0.1.0") == 1
+    text = httpx.get(metered.metrics_url, timeout=5).text
+    assert "m-demo0000001" not in text and "m-missing0001" not in text
+    assert "DemoAccessKeySecretForTheEmulator" not in text
+
+
+def test_health_checks_are_counted_as_unary_calls(metered):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(metered.target) as channel:
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    samples = scrape(metered)
+    assert (
+        value(
+            samples,
+            "grpc_server_handled_total",
+            grpc_type="unary",
+            grpc_service="grpc.health.v1.Health",
+            grpc_method="Check",
+            grpc_code="OK",
+        )
+        == 1
+    )

@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from imageshare.v1 import image_share_pb2
-from imageshare_server import __version__
+from imageshare_server import __version__, redis_setup
 from imageshare_server.cache import CachePolicy, ShareCache
 from imageshare_server.config import (
     Settings,
@@ -49,6 +49,7 @@ from imageshare_server.flight import FlightOptions
 from imageshare_server.observability.grpc_metrics import GrpcMetricsInterceptor
 from imageshare_server.observability.logging import configure_logging, register_secret
 from imageshare_server.ratelimit import UpstreamRateLimiter
+from imageshare_server.redis_link import RedisLink
 from imageshare_server.service import ImageShareService, add_to_server
 from imageshare_server.source import SharedShareSource
 from imageshare_server.tls import TlsConfigError, server_credentials
@@ -145,9 +146,15 @@ def build_source(
     http: httpx.AsyncClient,
     credentials: CredentialsProvider,
     endpoints: EndpointResolver,
+    redis: RedisLink | None = None,
 ) -> SharedShareSource:
-    """The upstream client with its protections, behind the cache and single-flight."""
+    """The upstream client with its protections, behind the cache and single-flight.
+
+    With ``redis`` the rate limit, the cache (as L2) and single-flight are
+    shared by every replica, each falling back to the in-process one.
+    """
     signature: SignatureVersion = "v1" if settings.signature_version == "v1" else "v3"
+    local_limiter = UpstreamRateLimiter(settings.upstream_qps, settings.upstream_burst)
     client = EcsClient(
         http,
         credentials,
@@ -156,7 +163,9 @@ def build_source(
         read_timeout=settings.read_timeout,
         retry=RetryPolicy(max_attempts=settings.upstream_max_attempts),
         retry_gate=RetryBudget(ratio=settings.retry_budget_ratio),
-        limiter=UpstreamRateLimiter(settings.upstream_qps, settings.upstream_burst),
+        limiter=local_limiter
+        if redis is None
+        else redis_setup.limiter(settings, redis, credentials, local_limiter),
     )
     cache = ShareCache(
         CachePolicy(
@@ -173,7 +182,11 @@ def build_source(
         max_parallel_pages=settings.upstream_parallel_pages,
     )
     return SharedShareSource(
-        client, cache, options, max_parallel_pages_total=settings.upstream_max_in_flight
+        client,
+        cache,
+        options,
+        max_parallel_pages_total=settings.upstream_max_in_flight,
+        shared=None if redis is None else redis_setup.tier(settings, redis, cache.policy),
     )
 
 
@@ -191,7 +204,8 @@ async def start(settings: Settings) -> Runtime:
         trust_env=False,
         headers={"user-agent": f"imageshare/{__version__}"},
     )
-    source = build_source(settings, http, credentials, endpoints)
+    redis = redis_setup.connect(settings, closers)
+    source = build_source(settings, http, credentials, endpoints, redis)
 
     interceptor = GrpcMetricsInterceptor()
     interceptor.initialize(LIST_METHOD, "server_stream")

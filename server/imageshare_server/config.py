@@ -93,6 +93,25 @@ class Settings:
         "PEM CA bundle file; when set, callers must present a client certificate it signed "
         "(mTLS). Needs --tls-cert.",
     )
+    redis_url: str = _opt(
+        "",
+        "Shared Redis for the share-list cache, cross-replica single-flight and the upstream "
+        "rate limit (redis://[:PASSWORD@]HOST:PORT/DB, rediss:// for TLS); empty: in-process.",
+    )
+    redis_timeout: float = _opt(
+        0.25, "Seconds any Redis operation may take before the replica falls back to in-process."
+    )
+    redis_lease_ttl: float = _opt(
+        5.0, "Seconds a replica's read lease lives unless renewed; a dead reader's is taken over."
+    )
+    redis_key_prefix: str = _opt(
+        "imageshare:", "Prefix of every Redis key; give deployments sharing a Redis their own."
+    )
+    rate_limit_account: str = _opt(
+        "",
+        "Name of the Alibaba Cloud account whose quota the shared rate limit guards (one Redis "
+        "bucket per account and region); empty: the AccessKey ID in use.",
+    )
 
     def __post_init__(self) -> None:
         if not 1 <= self.upstream_page_size <= 100:
@@ -127,6 +146,11 @@ class Settings:
             raise ValueError("tls_cert and tls_key must be given together")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("tls_client_ca needs tls_cert and tls_key")
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://")):
+            raise ValueError("redis_url must start with redis:// or rediss://")
+        for name in ("redis_timeout", "redis_lease_ttl"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
 
 
 def flag_name(name: str) -> str:

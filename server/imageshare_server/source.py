@@ -11,15 +11,21 @@ single-flight upstream reads:
   transient error before anything was sent, the old list is served (STALE).
 * otherwise, or with ``bypass_cache``: follow the read in flight for the key
   (COALESCED) or start one (MISS / BYPASS). The result refreshes the entry.
+
+With Redis (``redis_flight.RedisTier``) the in-process cache is a small L1:
+when it has no fresh entry, a newer list stored by any replica is taken
+from Redis first, and reads are coordinated across replicas by a lease.
+Without Redis the behaviour is exactly the in-process one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeAlias
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 from imageshare.v1 import image_share_pb2
 from imageshare_server.cache import CacheEntry, Freshness, ShareCache
@@ -29,6 +35,9 @@ from imageshare_server.ecs.model import Account
 from imageshare_server.flight import Flight, FlightOptions
 from imageshare_server.observability import metrics
 from imageshare_server.validation import ShareKey, ShareQuery
+
+if TYPE_CHECKING:
+    from imageshare_server.redis_flight import RedisTier
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +79,11 @@ class SharedShareSource:
         options: FlightOptions,
         *,
         max_parallel_pages_total: int = 64,
+        shared: RedisTier | None = None,
     ) -> None:
         self._client = client
+        # Shared lists need the cache's windows; with the cache off, Redis only limits the rate.
+        self._shared = shared if cache.policy.enabled else None
         self._cache = cache
         self._options = options
         self._global_pages = asyncio.Semaphore(max_parallel_pages_total)
@@ -82,21 +94,40 @@ class SharedShareSource:
         return len(self._flights)
 
     def _flight(
-        self, key: ShareKey, deadline: float | None, expected_total: int | None = None
+        self,
+        key: ShareKey,
+        deadline: float | None,
+        expected_total: int | None = None,
+        newer_than: float = 0.0,
     ) -> tuple[Flight, bool]:
-        """The read in flight for ``key`` (joined: True) or a new one."""
+        """The read in flight for ``key`` (joined: True) or a new one.
+
+        ``newer_than`` (wall clock) is the read time of the list the caller
+        already rejected: another replica's result must be newer to be taken.
+        """
         flight = self._flights.get(key)
         if flight is not None:
             flight.extend(deadline)
             return flight, True
-        flight = Flight(
-            self._client,
-            key,
-            self._options,
-            self._global_pages,
-            deadline=deadline,
-            expected_total=expected_total,
-        )
+        if self._shared is not None:
+            flight = self._shared.flight(
+                self._client,
+                key,
+                self._options,
+                self._global_pages,
+                deadline=deadline,
+                expected_total=expected_total,
+                newer_than=newer_than,
+            )
+        else:
+            flight = Flight(
+                self._client,
+                key,
+                self._options,
+                self._global_pages,
+                deadline=deadline,
+                expected_total=expected_total,
+            )
         self._flights[key] = flight
         flight.start(self._landed)
         return flight, False
@@ -119,7 +150,8 @@ class SharedShareSource:
     def refresh_in_background(self, entry: CacheEntry) -> None:
         if entry.key not in self._flights:
             total = entry.shares.total_count if entry.shares is not None else None
-            self._flight(entry.key, None, expected_total=total)
+            seen = entry.shares.read_time if entry.shares is not None else 0.0
+            self._flight(entry.key, None, expected_total=total, newer_than=seen)
 
     async def stream(
         self, query: ShareQuery, *, deadline: float | None
@@ -128,6 +160,10 @@ class SharedShareSource:
         fallback: CacheEntry | None = None
         if not query.bypass_cache:
             entry = self._cache.get(key)
+            if self._shared is not None and (
+                entry is None or self._cache.freshness(entry) is not Freshness.FRESH
+            ):
+                entry = await self._shared.refresh_l1(self._cache, key, entry)
             if entry is not None:
                 freshness = self._cache.freshness(entry)
                 if entry.negative and entry.error is not None:
@@ -151,7 +187,11 @@ class SharedShareSource:
                     return
                 fallback = entry
         expected = fallback.shares.total_count if fallback and fallback.shares else None
-        flight, joined = self._flight(key, deadline, expected)
+        if query.bypass_cache:
+            newer_than = time.time()
+        else:
+            newer_than = fallback.shares.read_time if fallback and fallback.shares else 0.0
+        flight, joined = self._flight(key, deadline, expected, newer_than)
         if query.bypass_cache:
             status: CacheStatus = image_share_pb2.CACHE_STATUS_BYPASS
             metrics.CACHE_REQUESTS.labels("bypass").inc()

@@ -76,6 +76,29 @@ COALESCED_WAITS = Counter(
     "Callers that joined an upstream read already under way instead of starting one.",
 )
 
+REDIS_UP = Gauge(
+    "imageshare_redis_up",
+    "1 while the shared Redis answers (or none is configured); 0 while replicas fall back "
+    "to their in-process cache and rate limit.",
+)
+REDIS_UP.set(1)
+REDIS_ERRORS = Counter(
+    "imageshare_redis_errors_total",
+    "Redis operations that failed or timed out, by operation.",
+    ["op"],
+)
+REDIS_CACHE_REQUESTS = Counter(
+    "imageshare_redis_cache_requests_total",
+    "Shared (L2) cache lookups after an in-process miss, by result: hit, miss, error.",
+    ["result"],
+)
+REDIS_LEASE_WAITS = Counter(
+    "imageshare_redis_lease_waits_total",
+    "Reads that found another replica holding the key's lease, by how the wait ended: "
+    "result (its list arrived), takeover (the lease was free again), fallback (Redis failed).",
+    ["outcome"],
+)
+
 CREDENTIALS_REJECTED = Counter(
     "imageshare_upstream_credentials_rejected_total",
     "Upstream answers that rejected the service's own credentials, by upstream Code.",

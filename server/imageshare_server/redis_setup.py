@@ -1,0 +1,64 @@
+"""Wire the optional Redis tier from settings; without ``--redis-url`` redis-py is never loaded."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from imageshare_server.cache import CachePolicy
+from imageshare_server.config import Settings
+from imageshare_server.ecs.credentials import CredentialsProvider
+from imageshare_server.ratelimit import UpstreamRateLimiter
+from imageshare_server.redis_flight import RedisTier
+from imageshare_server.redis_link import RedisLink
+from imageshare_server.redis_ratelimit import RedisRateLimiter
+
+log = logging.getLogger(__name__)
+
+
+def connect(settings: Settings, closers: list[Any]) -> RedisLink | None:
+    """The link to ``--redis-url``, probed in the background; None when none is configured.
+
+    Start-up never waits for Redis: a replica that starts while Redis is down
+    serves from its own cache and joins the shared tier when Redis answers.
+    """
+    if not settings.redis_url:
+        return None
+    link = RedisLink.from_url(settings.redis_url, timeout=settings.redis_timeout)
+    link.start_probe()
+    closers.append(link.aclose)
+    log.info(
+        "sharing cache, reads and rate limit through redis",
+        extra={"event": "redis", "redis": link.description},
+    )
+    return link
+
+
+def limiter(
+    settings: Settings,
+    link: RedisLink,
+    credentials: CredentialsProvider,
+    fallback: UpstreamRateLimiter,
+) -> RedisRateLimiter:
+    """One bucket per account and region for all replicas; ``fallback`` while Redis is away."""
+    configured = settings.rate_limit_account
+
+    async def account() -> str:
+        if configured:
+            return configured
+        return (await credentials.get()).access_key_id
+
+    return RedisRateLimiter(
+        link,
+        settings.upstream_qps,
+        settings.upstream_burst,
+        account=account,
+        prefix=settings.redis_key_prefix,
+        fallback=fallback,
+    )
+
+
+def tier(settings: Settings, link: RedisLink, policy: CachePolicy) -> RedisTier:
+    return RedisTier(
+        link, policy, prefix=settings.redis_key_prefix, lease_ttl=settings.redis_lease_ttl
+    )

@@ -7,12 +7,12 @@ STAMP := $(VENV)/.installed-stamp
 LISTEN ?= 127.0.0.1:50051
 METRICS_LISTEN ?= 127.0.0.1:9464
 
-.PHONY: run test check lint format typecheck proto proto-check pytest emulator clean
+.PHONY: run test check lint format typecheck proto proto-check pytest emulator lock bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -c requirements.lock -e '.[dev]'
 	touch $@
 
 ## run: start the server on the embedded ECS emulator at 127.0.0.1:50051
@@ -52,6 +52,14 @@ proto-check: $(STAMP)
 
 pytest: $(STAMP)
 	$(BIN)/pytest
+
+## lock: re-pin requirements.lock (the image's dependencies) from the venv
+lock: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH scripts/lock.sh
+
+## bench: the façade benchmark (about a minute); see bench/README.md
+bench: $(STAMP)
+	$(BIN)/python bench/facade.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -237,9 +237,10 @@ def config_table() -> str:
     """The README's configuration table."""
     rows = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
     for f, kind in _fields():
-        default = f.default if kind is not bool else str(f.default).lower()
+        default = str(f.default).lower() if kind is bool else str(f.default)
+        shown = f"`{default}`" if default else "(empty)"
         rows.append(
-            f"| `{flag_name(f.name)}` | `{env_name(f.name)}` | `{default}` | {f.metadata['help']} |"
+            f"| `{flag_name(f.name)}` | `{env_name(f.name)}` | {shown} | {f.metadata['help']} |"
         )
     return "\n".join(rows) + "\n"
 

@@ -1,0 +1,21 @@
+"""The README's configuration table is the one the server generates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from imageshare_server.config import config_table
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_configuration_table_is_current():
+    text = README.read_text()
+    start = text.index("<!-- config-table:start -->\n") + len("<!-- config-table:start -->\n")
+    end = text.index("<!-- config-table:end -->")
+    assert text[start:end] == config_table(), "run imageshare-server --print-config-table"
+
+
+def test_readme_shows_the_two_commands():
+    text = README.read_text()
+    assert "make run" in text and "make test" in text

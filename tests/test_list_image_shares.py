@@ -199,7 +199,11 @@ def test_slow_upstream_is_bounded_by_the_callers_deadline(stub, emulator):
 def test_list_changing_between_pages_is_reread_into_a_consistent_snapshot(stub, emulator):
     ids = [str(10_000 + i) for i in range(150)]
     emulator.upsert_image(
-        {"region_id": REGION, "image_id": "m-changing01", "accounts": [{"aliyun_id": i} for i in ids]}
+        {
+            "region_id": REGION,
+            "image_id": "m-changing01",
+            "accounts": [{"aliyun_id": i} for i in ids],
+        }
     )
     # After page 1 is answered, one account is inserted at the front: page 2 overlaps page 1.
     changed = ["9", *ids]

@@ -46,6 +46,7 @@ from imageshare_server.ecs.credentials_chain import default_credentials_provider
 from imageshare_server.ecs.endpoints import EndpointResolver
 from imageshare_server.ecs.retry import RetryBudget, RetryPolicy
 from imageshare_server.flight import FlightOptions
+from imageshare_server.healthcheck import DrainingHealthServicer
 from imageshare_server.observability.grpc_metrics import GrpcMetricsInterceptor
 from imageshare_server.observability.logging import configure_logging, register_secret
 from imageshare_server.ratelimit import UpstreamRateLimiter
@@ -223,7 +224,7 @@ async def start(settings: Settings) -> Runtime:
     # The concurrency limit lives in the service, not in grpc's
     # maximum_concurrent_rpcs, so that health checks never count against it.
     add_to_server(ImageShareService(source, max_concurrent=settings.max_concurrent_rpcs), server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = DrainingHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server

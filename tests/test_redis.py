@@ -1,0 +1,232 @@
+"""Issue 8 end to end: replicas sharing a real redis-server, against the real emulator.
+
+Every test starts its own redis-server (tests.support.redis_server) and its
+own server processes, uploads its own image, and counts upstream calls with
+the emulator's counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+
+from imageshare.v1 import image_share_pb2, image_share_pb2_grpc
+from imageshare_server.emulator import EmulatorAdmin
+from tests.support.processes import ServerProcess
+from tests.support.redis_server import RedisServer
+from tests.support.rpc import Request, Response, account_ids, list_all
+
+REGION = "cn-hangzhou"
+HIT = image_share_pb2.CACHE_STATUS_HIT
+_ids = itertools.count(1)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path, password="redis-test-password-1")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def replicas(
+    start_server: Callable[..., ServerProcess], redis_server: RedisServer
+) -> Callable[..., list[ServerProcess]]:
+    def start(n: int, *args: str) -> list[ServerProcess]:
+        return [start_server("--redis-url", redis_server.url, *args) for _ in range(n)]
+
+    return start
+
+
+def new_image(emulator: EmulatorAdmin, accounts: int) -> tuple[str, list[str]]:
+    image_id = f"m-redis{next(_ids):04d}{int(time.time() * 1000) % 1000000}"
+    ids = [f"7{i:015d}" for i in range(accounts)]
+    emulator.upsert_image(
+        {"region_id": REGION, "image_id": image_id, "accounts": [{"aliyun_id": i} for i in ids]}
+    )
+    return image_id, ids
+
+
+def page_calls(emulator: EmulatorAdmin, image_id: str) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for row in emulator.counters()["calls_by_page"]:
+        if row["image_id"] == image_id:
+            out[int(row["page_number"])] = out.get(int(row["page_number"]), 0) + row["count"]
+    return out
+
+
+def total_calls(emulator: EmulatorAdmin) -> int:
+    return int(emulator.counters()["calls_by_action"].get("DescribeImageSharePermission", 0))
+
+
+def metric(process: ServerProcess, name: str) -> float:
+    """Sum of every sample of ``name`` (any labels) on the process's /metrics."""
+    total = 0.0
+    for line in httpx.get(process.metrics_url).text.splitlines():
+        if line.startswith((name + " ", name + "{")):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll a condition the test cannot be notified of (an emulator counter)."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.01)
+
+
+def fetch(process: ServerProcess, image_id: str, timeout: float = 10.0) -> list[Response]:
+    with grpc.insecure_channel(process.target) as channel:
+        stub = image_share_pb2_grpc.ImageShareServiceStub(channel)
+        return list_all(stub, timeout=timeout, region_id=REGION, image_id=image_id)
+
+
+async def test_150_cold_callers_on_three_replicas_make_one_upstream_call_per_page(
+    replicas, emulator
+):
+    servers = replicas(3)
+    image_id, ids = new_image(emulator, 250)
+    emulator.set(latency_ms=300)
+
+    async def one(stub: image_share_pb2_grpc.ImageShareServiceStub) -> list[str]:
+        call = stub.ListImageShares(Request(region_id=REGION, image_id=image_id), timeout=20)
+        return [a.aliyun_id async for m in call for a in m.accounts]
+
+    channels = [grpc.aio.insecure_channel(s.target) for s in servers]
+    try:
+        stubs = [image_share_pb2_grpc.ImageShareServiceStub(c) for c in channels]
+        results = await asyncio.gather(*(one(stubs[i % 3]) for i in range(150)))
+    finally:
+        for channel in channels:
+            await channel.close()
+    assert all(r == ids for r in results)
+    # 250 accounts at PageSize 100: three pages, each read once by the whole deployment.
+    assert page_calls(emulator, image_id) == {1: 1, 2: 1, 3: 1}
+    # The two replicas that did not read got the list through Redis.
+    waits = sum(metric(s, "imageshare_redis_lease_waits_total") for s in servers)
+    hits = sum(metric(s, 'imageshare_redis_cache_requests_total{result="hit"}') for s in servers)
+    assert waits + hits >= 2
+
+
+def test_a_replica_that_never_saw_an_image_serves_it_from_redis(replicas, emulator):
+    first, second = replicas(2)
+    image_id, ids = new_image(emulator, 130)
+    assert account_ids(fetch(first, image_id)) == ids
+    assert page_calls(emulator, image_id) == {1: 1, 2: 1}
+    messages = fetch(second, image_id)
+    assert account_ids(messages) == ids
+    assert {m.cache_status for m in messages} == {HIT}
+    assert page_calls(emulator, image_id) == {1: 1, 2: 1}
+    assert metric(second, 'imageshare_redis_cache_requests_total{result="hit"}') == 1
+
+
+async def test_lease_holder_killed_mid_read_another_replica_completes(replicas, emulator):
+    holder, other = replicas(2, "--redis-lease-ttl", "1")
+    image_id, ids = new_image(emulator, 40)
+    emulator.set(latency_ms=1500)
+
+    async def race() -> list[str]:
+        async with (
+            grpc.aio.insecure_channel(holder.target) as a,
+            grpc.aio.insecure_channel(other.target) as b,
+        ):
+            request = Request(region_id=REGION, image_id=image_id)
+            doomed = asyncio.ensure_future(
+                _collect(image_share_pb2_grpc.ImageShareServiceStub(a), request)
+            )
+            await asyncio.to_thread(wait_until, lambda: page_calls(emulator, image_id) == {1: 1})
+            survivor = asyncio.ensure_future(
+                _collect(image_share_pb2_grpc.ImageShareServiceStub(b), request)
+            )
+            # The other replica is now waiting on the holder's lease (or will find it held).
+            holder.signal(signal.SIGKILL)
+            with pytest.raises(grpc.aio.AioRpcError):
+                await doomed
+            return await survivor
+
+    assert await race() == ids
+    # The dead holder's read and the take-over: page 1 was read twice, not three times.
+    assert page_calls(emulator, image_id) == {1: 2}
+    assert holder.proc.wait(5) == -signal.SIGKILL
+    assert metric(other, 'imageshare_redis_lease_waits_total{outcome="takeover"}') == 1
+
+
+async def _collect(stub: image_share_pb2_grpc.ImageShareServiceStub, request: Request) -> list[str]:
+    call = stub.ListImageShares(request, timeout=15)
+    return [a.aliyun_id async for m in call for a in m.accounts]
+
+
+def test_every_replica_keeps_serving_without_redis_and_shares_again_when_it_returns(
+    replicas, redis_server, emulator
+):
+    servers = replicas(3, "--redis-timeout", "0.2")
+    redis_server.stop()
+    for process in servers:
+        image_id, ids = new_image(emulator, 20)
+        started = time.monotonic()
+        assert account_ids(fetch(process, image_id, timeout=5)) == ids
+        assert time.monotonic() - started < 2.0
+    for process in servers:
+        down = process.wait_for("redis_down", timeout=10)
+        assert "redis-test-password-1" not in process.log_text
+        assert down["redis"] == f"redis://127.0.0.1:{redis_server.port}/0"
+        assert metric(process, "imageshare_redis_up") == 0
+        assert metric(process, "imageshare_redis_errors_total") >= 1
+
+    redis_server.start()
+    for process in servers:
+        process.wait_for("redis_up", timeout=10)
+        assert metric(process, "imageshare_redis_up") == 1
+    image_id, ids = new_image(emulator, 20)
+    assert account_ids(fetch(servers[0], image_id)) == ids
+    assert account_ids(fetch(servers[1], image_id)) == ids
+    assert page_calls(emulator, image_id) == {1: 1}
+
+
+async def test_shared_limit_keeps_three_replicas_within_ten_percent_of_upstream_qps(
+    replicas, emulator
+):
+    qps = 20
+    servers = replicas(3, "--cache-ttl", "0", "--upstream-qps", str(qps), "--upstream-burst", "1")
+    window = 3.0
+
+    async def load(stop: float) -> None:
+        channels = [grpc.aio.insecure_channel(s.target) for s in servers]
+        stubs = [image_share_pb2_grpc.ImageShareServiceStub(c) for c in channels]
+
+        async def loop(stub: image_share_pb2_grpc.ImageShareServiceStub) -> None:
+            request = Request(region_id=REGION, image_id="m-demo0000002")
+            while time.monotonic() < stop:
+                # A refusal by the limiter is fine; the upstream count is what matters.
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    await _collect(stub, request)
+
+        try:
+            await asyncio.gather(*(loop(stubs[i % 3]) for i in range(30)))
+        finally:
+            for channel in channels:
+                await channel.close()
+
+    async def measure() -> int:
+        task = asyncio.ensure_future(load(time.monotonic() + window + 2.0))
+        await asyncio.sleep(1.0)  # let every replica reach the steady state
+        before = await asyncio.to_thread(total_calls, emulator)
+        await asyncio.sleep(window)
+        after = await asyncio.to_thread(total_calls, emulator)
+        await task
+        return after - before
+
+    calls = await measure()
+    expected = qps * window
+    assert abs(calls - expected) <= 0.1 * expected, calls

@@ -13,6 +13,7 @@ import itertools
 import signal
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -20,10 +21,19 @@ import httpx
 import pytest
 
 from imageshare.v1 import image_share_pb2, image_share_pb2_grpc
+from imageshare_server.ecs.errors import UpstreamApiError
+from imageshare_server.ecs.model import Account
 from imageshare_server.emulator import EmulatorAdmin
+from imageshare_server.flight import ShareList
+from imageshare_server.ratelimit import RateLimitedError, UpstreamRateLimiter
+from imageshare_server.redis_lease import LeaseManager
+from imageshare_server.redis_link import RedisLink
+from imageshare_server.redis_ratelimit import RedisRateLimiter
+from imageshare_server.redis_store import decode, encode, encode_negative
+from imageshare_server.validation import ShareKey
 from tests.support.processes import ServerProcess
 from tests.support.redis_server import RedisServer
-from tests.support.rpc import Request, Response, account_ids, list_all
+from tests.support.rpc import Request, Response, account_ids, list_all, list_error
 
 REGION = "cn-hangzhou"
 HIT = image_share_pb2.CACHE_STATUS_HIT
@@ -230,3 +240,101 @@ async def test_shared_limit_keeps_three_replicas_within_ten_percent_of_upstream_
     calls = await measure()
     expected = qps * window
     assert abs(calls - expected) <= 0.1 * expected, calls
+
+
+def test_not_found_is_shared_briefly_too(replicas, emulator):
+    first, second = replicas(2)
+    for process in (first, second):
+        with grpc.insecure_channel(process.target) as channel:
+            stub = image_share_pb2_grpc.ImageShareServiceStub(channel)
+            assert list_error(stub, region_id=REGION, image_id="m-redisgone01").code == (
+                grpc.StatusCode.NOT_FOUND
+            )
+    assert page_calls(emulator, "m-redisgone01") == {1: 1}
+
+
+def test_a_hung_redis_costs_a_timeout_not_an_outage(replicas, redis_server, emulator):
+    """SIGSTOP keeps the socket open but silent: the slow case, not the refused one."""
+    (process,) = replicas(1, "--redis-timeout", "0.2")
+    assert redis_server.proc is not None
+    redis_server.proc.send_signal(signal.SIGSTOP)
+    try:
+        image_id, ids = new_image(emulator, 20)
+        started = time.monotonic()
+        assert account_ids(fetch(process, image_id, timeout=5)) == ids
+        assert time.monotonic() - started < 1.5
+        process.wait_for("redis_down", timeout=10)
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    process.wait_for("redis_up", timeout=10)
+
+
+def test_shared_list_round_trips_through_its_stored_form():
+    shared = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
+    shares = ShareList(
+        key=ShareKey(REGION, "m-x1", "owner@example.com"),
+        accounts=(Account("0012", shared), Account("1557809237701234567")),
+        share_groups=("all",),
+        request_ids=("R-1", "R-2"),
+        read_time=time.time() - 30,
+        read_monotonic=0.0,
+    )
+    back = decode(shares.key, encode(shares))
+    assert isinstance(back, ShareList)
+    assert back.accounts == shares.accounts
+    assert (back.share_groups, back.request_ids, back.read_time) == (
+        shares.share_groups,
+        shares.request_ids,
+        shares.read_time,
+    )
+    # The age carries over to this process's monotonic clock.
+    assert 29 < time.monotonic() - back.read_monotonic < 31
+    error = decode(
+        shares.key,
+        encode_negative(UpstreamApiError("InvalidImageId.NotFound", "gone", http_status=404)),
+    )
+    assert isinstance(error, UpstreamApiError)
+    assert (error.code, error.http_status) == ("InvalidImageId.NotFound", 404)
+
+
+async def test_a_lease_is_released_only_by_its_holder(redis_server):
+    link = RedisLink.from_url(redis_server.url)
+    try:
+        leases = LeaseManager(link, prefix="t:", ttl=30)
+        key = ShareKey(REGION, "m-lease01")
+        mine = await leases.try_acquire(key)
+        assert mine is not None
+        assert await leases.try_acquire(key) is None
+        # Expired (as Redis would expire it) and taken by someone else: the late holder
+        # must neither delete nor renew the new lease.
+        await link.client.delete(mine.name)
+        theirs = await leases.try_acquire(key)
+        assert theirs is not None
+        await leases.release(mine)
+        assert await leases.renew(mine) is False and mine.lost
+        assert await leases.try_acquire(key) is None
+        await leases.release(theirs)
+        assert await leases.try_acquire(key) is not None
+    finally:
+        await link.aclose()
+
+
+async def test_redis_gcra_spaces_calls_and_refuses_past_the_deadline(redis_server):
+    link = RedisLink.from_url(redis_server.url)
+    try:
+        limiter = RedisRateLimiter(
+            link, 10, 2, account=_account, prefix="t:", fallback=UpstreamRateLimiter(10, 2)
+        )
+        started = time.monotonic()
+        for _ in range(4):  # two at once (the burst), then one every 100 ms
+            await limiter.acquire(REGION, None)
+        assert 0.17 < time.monotonic() - started < 0.5
+        with pytest.raises(RateLimitedError) as refused:
+            await limiter.acquire(REGION, time.monotonic() + 0.01)
+        assert 0.05 < refused.value.wait <= 0.2
+    finally:
+        await link.aclose()
+
+
+async def _account() -> str:
+    return "test-account"

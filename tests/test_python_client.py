@@ -4,7 +4,11 @@ sockets, then end to end against a live `imageshare-server --emulator`."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -333,3 +337,237 @@ async def test_async_deadline(script: Script, target: str) -> None:
         with pytest.raises(ImageShareError) as caught:
             await client.list_shares("cn-hangzhou", "m-test", timeout=0.3).collect()
     assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+# --- end to end: client -> imageshare-server -> httpx -> standalone ECS emulator -------------
+
+BIN = Path(sys.executable).parent
+REGION = "cn-hangzhou"
+
+
+class Process:
+    """A child process that announces readiness with a JSON line on stderr.
+
+    A thread keeps draining stderr after the announcement so a chatty child never blocks.
+    """
+
+    def __init__(self, args: list[str], event: str, env: dict[str, str] | None = None) -> None:
+        self.popen = subprocess.Popen(
+            args,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        self.ready: dict[str, object] = {}
+        self._event = event
+        threading.Thread(target=self._drain, daemon=True).start()
+        if not self._ready.wait(30) or not self.ready:
+            self.stop()
+            raise RuntimeError(f"{args[0]} did not report {event}:\n" + "".join(self.lines))
+
+    def _drain(self) -> None:
+        assert self.popen.stderr is not None
+        for line in self.popen.stderr:
+            self.lines.append(line)
+            if not self._ready.is_set() and f'"{self._event}"' in line:
+                try:
+                    self.ready = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                self._ready.set()
+        self._ready.set()  # exited before announcing: wake the waiter
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+def demo_credentials_env() -> dict[str, str]:
+    from imageshare_server.ecs.credentials import DEMO_ACCESS_KEY_ID, DEMO_ACCESS_KEY_SECRET
+
+    return {
+        "ALIBABA_CLOUD_ACCESS_KEY_ID": DEMO_ACCESS_KEY_ID,
+        "ALIBABA_CLOUD_ACCESS_KEY_SECRET": DEMO_ACCESS_KEY_SECRET,
+    }
+
+
+def start_server(upstream: str, *extra: str) -> Process:
+    return Process(
+        [
+            str(BIN / "imageshare-server"),
+            "--listen=127.0.0.1:0",
+            "--metrics-listen=127.0.0.1:0",
+            f"--upstream-endpoint={upstream}",
+            *extra,
+        ],
+        "serving",
+        demo_credentials_env(),
+    )
+
+
+@dataclass
+class Live:
+    target: str
+    emulator_url: str
+    admin: object  # EmulatorAdmin; typed loosely to keep the server package out of the header
+
+
+@pytest.fixture(scope="module")
+def live() -> Iterator[Live]:
+    from imageshare_server.emulator.admin import EmulatorAdmin
+
+    emulator = Process(
+        [str(BIN / "imageshare-emulator"), "--listen", "127.0.0.1:0"],
+        "emulator_listening",
+        demo_credentials_env(),
+    )
+    url = str(emulator.ready["url"])
+    server = start_server(url, "--upstream-max-attempts=1")
+    admin = EmulatorAdmin(url)
+    try:
+        yield Live(f"127.0.0.1:{server.ready['grpc_port']}", url, admin)
+    finally:
+        admin.close()
+        server.stop()
+        emulator.stop()
+
+
+@pytest.fixture
+def admin(live: Live) -> Iterator[object]:
+    from imageshare_server.emulator.admin import EmulatorAdmin
+
+    assert isinstance(live.admin, EmulatorAdmin)
+    yield live.admin
+    live.admin.clear_faults()
+    live.admin.set(latency_ms=0)
+
+
+def new_image(admin: object, image_id: str, count: int, groups: tuple[str, ...] = ()) -> None:
+    from imageshare_server.emulator.admin import EmulatorAdmin
+
+    assert isinstance(admin, EmulatorAdmin)
+    admin.upsert_image(
+        {
+            "region_id": REGION,
+            "image_id": image_id,
+            "accounts": [
+                {"aliyun_id": str(1_000_000 + i), "shared_time": "2025-01-01T00:00:00Z"}
+                for i in range(count)
+            ],
+            "share_groups": list(groups),
+        }
+    )
+
+
+def test_live_large_listing_in_chunks(live: Live) -> None:
+    with ImageShareClient(live.target) as client:
+        listing = client.list_shares(REGION, "m-demo0000001", page_size=7, bypass_cache=True)
+        result = listing.collect()
+    ids = [a.aliyun_id for a in result.accounts]
+    assert len(ids) >= 120
+    assert len(set(ids)) == len(ids) == result.metadata.total_count
+    assert result.metadata.region_id == REGION
+    assert result.metadata.image_id == "m-demo0000001"
+    assert result.metadata.cache_status is CacheStatus.BYPASS
+    assert result.upstream_request_ids  # quoted to support when something looks wrong
+    assert not result.metadata.is_public
+
+
+def test_live_public_and_unshared_images(live: Live) -> None:
+    with ImageShareClient(live.target) as client:
+        assert client.list_shares(REGION, "m-demo0000002").metadata.share_groups == ("all",)
+        assert client.is_shared_with(REGION, "m-demo0000002", "424242")
+        empty = client.list_shares(REGION, "m-demo0000003").collect()
+        assert empty.accounts == ()
+        assert empty.metadata.total_count == 0
+        assert not client.is_shared_with(REGION, "m-demo0000003", "424242")
+        first = client.list_shares(REGION, "m-demo0000001").collect().accounts[-1]
+        assert client.is_shared_with(REGION, "m-demo0000001", first.aliyun_id)
+
+
+def test_live_errors_are_typed(live: Live) -> None:
+    with ImageShareClient(live.target) as client:
+        with pytest.raises(ImageShareError) as missing:
+            client.list_shares(REGION, "m-doesnotexist0").collect()
+        with pytest.raises(ImageShareError) as invalid:
+            client.list_shares("Not a region", "m-demo0000001").collect()
+    assert missing.value.code == grpc.StatusCode.NOT_FOUND
+    assert missing.value.reason  # the upstream Code, from google.rpc.ErrorInfo
+    assert missing.value.attempts == 1  # NOT_FOUND is never retried
+    assert invalid.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "region_id" in [v.field for v in invalid.value.field_violations]
+
+
+def test_live_unavailable_before_first_message_is_retried(live: Live, admin: object) -> None:
+    from imageshare_server.emulator.admin import EmulatorAdmin
+
+    assert isinstance(admin, EmulatorAdmin)
+    new_image(admin, "m-retry0000001", 3)
+    admin.fault("error_code", count=1, status=503, code="ServiceUnavailable")
+    errors: list[str] = []
+    with ImageShareClient(
+        live.target,
+        retry=FAST_RETRY,
+        service_config=None,
+        on_retry=lambda _n, e, _d: errors.append(e.code_name),
+    ) as client:
+        listing = client.list_shares(REGION, "m-retry0000001")
+        assert len(listing.collect().accounts) == 3
+    assert errors == ["UNAVAILABLE"]
+    assert listing.attempts == 2
+
+
+def test_live_deadline(live: Live, admin: object) -> None:
+    from imageshare_server.emulator.admin import EmulatorAdmin
+
+    assert isinstance(admin, EmulatorAdmin)
+    admin.set(latency_ms=3000)
+    started = time.monotonic()
+    with ImageShareClient(live.target) as client, pytest.raises(ImageShareError) as caught:
+        client.list_shares(REGION, "m-demo0000001", bypass_cache=True, timeout=0.5).collect()
+    assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 2.5
+
+
+def test_live_server_killed_mid_stream_fails_clearly(live: Live, admin: object) -> None:
+    """A stream that delivered accounts is not silently restarted when its server dies."""
+    from imageshare_server.emulator.admin import EmulatorAdmin
+
+    assert isinstance(admin, EmulatorAdmin)
+    new_image(admin, "m-slow00000001", 60)
+    server = start_server(live.emulator_url, "--upstream-page-size=10")
+    try:
+        admin.set(latency_ms=300)  # 6 upstream pages: the stream lasts about 2 s
+        with ImageShareClient(f"127.0.0.1:{server.ready['grpc_port']}") as client:
+            listing = client.list_shares(REGION, "m-slow00000001", page_size=5, bypass_cache=True)
+            accounts = iter(listing)
+            next(accounts)
+            server.popen.kill()
+            with pytest.raises(StreamInterruptedError) as caught:
+                for _ in accounts:
+                    pass
+    finally:
+        server.stop()
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    assert 1 <= caught.value.accounts_received < 60
+    assert listing.attempts == 1
+
+
+async def test_live_async_client_matches_sync(live: Live) -> None:
+    async with AsyncImageShareClient(live.target) as client:
+        listing = client.list_shares(REGION, "m-demo0000001", page_size=100)
+        meta = await listing.start()
+        ids = [a.aliyun_id async for a in listing]
+        assert await client.is_shared_with(REGION, "m-demo0000002", "1")
+    with ImageShareClient(live.target) as sync_client:
+        expected = [a.aliyun_id for a in sync_client.list_shares(REGION, "m-demo0000001")]
+    assert ids == expected
+    assert meta.total_count == len(ids)

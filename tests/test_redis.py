@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import itertools
 import signal
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from imageshare.v1 import image_share_pb2, image_share_pb2_grpc
 from imageshare_server.ecs.errors import UpstreamApiError
@@ -338,3 +343,51 @@ async def test_redis_gcra_spaces_calls_and_refuses_past_the_deadline(redis_serve
 
 async def _account() -> str:
     return "test-account"
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "redis.test")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "redis.crt", directory / "redis.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def test_replicas_share_through_redis_over_tls_with_a_password(tmp_path, start_server, emulator):
+    redis_tls = RedisServer(tmp_path, password="redis-tls-password-1", tls=_self_signed(tmp_path))
+    try:
+        assert redis_tls.url.startswith("rediss://")
+        first, second = (start_server("--redis-url", redis_tls.url) for _ in range(2))
+        image_id, ids = new_image(emulator, 30)
+        assert account_ids(fetch(first, image_id)) == ids
+        messages = fetch(second, image_id)
+        assert account_ids(messages) == ids
+        assert {m.cache_status for m in messages} == {HIT}
+        assert page_calls(emulator, image_id) == {1: 1}
+        assert metric(second, "imageshare_redis_up") == 1
+        assert "redis-tls-password-1" not in first.log_text + second.log_text
+    finally:
+        redis_tls.stop()

@@ -25,7 +25,14 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, workdir: Path, port: int | None = None, password: str = "") -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        password: str = "",
+        tls: tuple[Path, Path] | None = None,
+    ) -> None:
+        """``tls``: (certificate, key) PEM files; then only the TLS port is served."""
         binary = shutil.which("redis-server")
         if binary is None:
             raise AssertionError("redis-server is not installed: run scripts/ensure_redis.sh")
@@ -33,6 +40,7 @@ class RedisServer:
         self.workdir = workdir
         self.port = port or free_port()
         self.password = password
+        self.tls = tls
         self.proc: subprocess.Popen[bytes] | None = None
         self.lines: list[str] = []
         self.start()
@@ -40,11 +48,18 @@ class RedisServer:
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
+        if self.tls:
+            return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls[0]}"
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def client(self) -> redis.Redis:
+        tls = {"ssl": True, "ssl_ca_certs": str(self.tls[0])} if self.tls else {}
         return redis.Redis(
-            host="127.0.0.1", port=self.port, password=self.password or None, socket_timeout=2
+            host="127.0.0.1",
+            port=self.port,
+            password=self.password or None,
+            socket_timeout=2,
+            **tls,  # type: ignore[arg-type]
         )
 
     def start(self, timeout: float = 10.0) -> None:
@@ -60,6 +75,10 @@ class RedisServer:
         ]  # fmt: skip
         if self.password:
             argv += ["--requirepass", self.password]
+        if self.tls:
+            argv[1:3] = ["--port", "0", "--tls-port", str(self.port)]
+            argv += ["--tls-cert-file", str(self.tls[0]), "--tls-key-file", str(self.tls[1])]
+            argv += ["--tls-auth-clients", "no"]
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )

@@ -110,7 +110,8 @@ class Settings:
     rate_limit_account: str = _opt(
         "",
         "Name of the Alibaba Cloud account whose quota the shared rate limit guards (one Redis "
-        "bucket per account and region); empty: the AccessKey ID in use.",
+        "bucket per account and region); empty: the AccessKey ID, or one bucket for all STS "
+        "sessions (RRSA gives every pod its own rotating AccessKey ID).",
     )
 
     def __post_init__(self) -> None:

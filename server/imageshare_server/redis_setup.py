@@ -46,7 +46,12 @@ def limiter(
     async def account() -> str:
         if configured:
             return configured
-        return (await credentials.get()).access_key_id
+        current = await credentials.get()
+        if current.security_token:
+            # Every pod's STS session has its own AccessKey ID, rotating: keying by it
+            # would give each pod a bucket of its own and share nothing.
+            return "sts"
+        return current.access_key_id
 
     return RedisRateLimiter(
         link,

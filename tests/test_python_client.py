@@ -1,20 +1,15 @@
 """The Python client: retry/deadline/cancellation logic against a scripted gRPC server over real
-sockets, then end to end against a live `imageshare-server --emulator`."""
+sockets, then end to end against a live server and emulator (fixtures in conftest.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 import pytest
@@ -33,8 +28,9 @@ from imageshare_client import (
     RetryPolicy,
     StreamInterruptedError,
 )
+from imageshare_server.emulator import EmulatorAdmin
+from tests.support.processes import ServerProcess
 
-ROOT = Path(__file__).resolve().parent.parent
 FAST_RETRY = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.05)
 
 
@@ -340,121 +336,14 @@ async def test_async_deadline(script: Script, target: str) -> None:
 
 
 # --- end to end: client -> imageshare-server -> httpx -> standalone ECS emulator -------------
+# Fixtures from tests/conftest.py: `server` (session, cache off), `emulator` (admin, knobs reset
+# around each test), `start_server` (a server of one's own, stopped after the test).
 
-BIN = Path(sys.executable).parent
 REGION = "cn-hangzhou"
 
 
-class Process:
-    """A child process that announces readiness with a JSON line on stderr.
-
-    A thread keeps draining stderr after the announcement so a chatty child never blocks.
-    """
-
-    def __init__(self, args: list[str], event: str, env: dict[str, str] | None = None) -> None:
-        self.popen = subprocess.Popen(
-            args,
-            stderr=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            text=True,
-            env={**os.environ, **(env or {})},
-        )
-        self.lines: list[str] = []
-        self._ready = threading.Event()
-        self.ready: dict[str, object] = {}
-        self._event = event
-        threading.Thread(target=self._drain, daemon=True).start()
-        if not self._ready.wait(30) or not self.ready:
-            self.stop()
-            raise RuntimeError(f"{args[0]} did not report {event}:\n" + "".join(self.lines))
-
-    def _drain(self) -> None:
-        assert self.popen.stderr is not None
-        for line in self.popen.stderr:
-            self.lines.append(line)
-            if not self._ready.is_set() and f'"{self._event}"' in line:
-                try:
-                    self.ready = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                self._ready.set()
-        self._ready.set()  # exited before announcing: wake the waiter
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(10)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-
-
-def demo_credentials_env() -> dict[str, str]:
-    from imageshare_server.ecs.credentials import DEMO_ACCESS_KEY_ID, DEMO_ACCESS_KEY_SECRET
-
-    return {
-        "ALIBABA_CLOUD_ACCESS_KEY_ID": DEMO_ACCESS_KEY_ID,
-        "ALIBABA_CLOUD_ACCESS_KEY_SECRET": DEMO_ACCESS_KEY_SECRET,
-    }
-
-
-def start_server(upstream: str, *extra: str) -> Process:
-    return Process(
-        [
-            str(BIN / "imageshare-server"),
-            "--listen=127.0.0.1:0",
-            "--metrics-listen=127.0.0.1:0",
-            f"--upstream-endpoint={upstream}",
-            *extra,
-        ],
-        "serving",
-        demo_credentials_env(),
-    )
-
-
-@dataclass
-class Live:
-    target: str
-    emulator_url: str
-    admin: object  # EmulatorAdmin; typed loosely to keep the server package out of the header
-
-
-@pytest.fixture(scope="module")
-def live() -> Iterator[Live]:
-    from imageshare_server.emulator.admin import EmulatorAdmin
-
-    emulator = Process(
-        [str(BIN / "imageshare-emulator"), "--listen", "127.0.0.1:0"],
-        "emulator_listening",
-        demo_credentials_env(),
-    )
-    url = str(emulator.ready["url"])
-    server = start_server(url, "--upstream-max-attempts=1")
-    admin = EmulatorAdmin(url)
-    try:
-        yield Live(f"127.0.0.1:{server.ready['grpc_port']}", url, admin)
-    finally:
-        admin.close()
-        server.stop()
-        emulator.stop()
-
-
-@pytest.fixture
-def admin(live: Live) -> Iterator[object]:
-    from imageshare_server.emulator.admin import EmulatorAdmin
-
-    assert isinstance(live.admin, EmulatorAdmin)
-    yield live.admin
-    live.admin.clear_faults()
-    live.admin.set(latency_ms=0)
-
-
-def new_image(admin: object, image_id: str, count: int, groups: tuple[str, ...] = ()) -> None:
-    from imageshare_server.emulator.admin import EmulatorAdmin
-
-    assert isinstance(admin, EmulatorAdmin)
-    admin.upsert_image(
+def new_image(emulator: EmulatorAdmin, image_id: str, count: int) -> None:
+    emulator.upsert_image(
         {
             "region_id": REGION,
             "image_id": image_id,
@@ -462,13 +351,13 @@ def new_image(admin: object, image_id: str, count: int, groups: tuple[str, ...] 
                 {"aliyun_id": str(1_000_000 + i), "shared_time": "2025-01-01T00:00:00Z"}
                 for i in range(count)
             ],
-            "share_groups": list(groups),
+            "share_groups": [],
         }
     )
 
 
-def test_live_large_listing_in_chunks(live: Live) -> None:
-    with ImageShareClient(live.target) as client:
+def test_live_large_listing_in_chunks(server: ServerProcess) -> None:
+    with ImageShareClient(server.target) as client:
         listing = client.list_shares(REGION, "m-demo0000001", page_size=7, bypass_cache=True)
         result = listing.collect()
     ids = [a.aliyun_id for a in result.accounts]
@@ -479,22 +368,23 @@ def test_live_large_listing_in_chunks(live: Live) -> None:
     assert result.metadata.cache_status is CacheStatus.BYPASS
     assert result.upstream_request_ids  # quoted to support when something looks wrong
     assert not result.metadata.is_public
+    assert all(a.shared_time is not None for a in result.accounts)
 
 
-def test_live_public_and_unshared_images(live: Live) -> None:
-    with ImageShareClient(live.target) as client:
+def test_live_public_and_unshared_images(server: ServerProcess) -> None:
+    with ImageShareClient(server.target) as client:
         assert client.list_shares(REGION, "m-demo0000002").metadata.share_groups == ("all",)
         assert client.is_shared_with(REGION, "m-demo0000002", "424242")
         empty = client.list_shares(REGION, "m-demo0000003").collect()
         assert empty.accounts == ()
         assert empty.metadata.total_count == 0
         assert not client.is_shared_with(REGION, "m-demo0000003", "424242")
-        first = client.list_shares(REGION, "m-demo0000001").collect().accounts[-1]
-        assert client.is_shared_with(REGION, "m-demo0000001", first.aliyun_id)
+        last = client.list_shares(REGION, "m-demo0000001").collect().accounts[-1]
+        assert client.is_shared_with(REGION, "m-demo0000001", last.aliyun_id)
 
 
-def test_live_errors_are_typed(live: Live) -> None:
-    with ImageShareClient(live.target) as client:
+def test_live_errors_are_typed(server: ServerProcess) -> None:
+    with ImageShareClient(server.target) as client:
         with pytest.raises(ImageShareError) as missing:
             client.list_shares(REGION, "m-doesnotexist0").collect()
         with pytest.raises(ImageShareError) as invalid:
@@ -506,15 +396,15 @@ def test_live_errors_are_typed(live: Live) -> None:
     assert "region_id" in [v.field for v in invalid.value.field_violations]
 
 
-def test_live_unavailable_before_first_message_is_retried(live: Live, admin: object) -> None:
-    from imageshare_server.emulator.admin import EmulatorAdmin
-
-    assert isinstance(admin, EmulatorAdmin)
-    new_image(admin, "m-retry0000001", 3)
-    admin.fault("error_code", count=1, status=503, code="ServiceUnavailable")
+def test_live_unavailable_before_first_message_is_retried(
+    emulator: EmulatorAdmin, start_server: Callable[..., ServerProcess]
+) -> None:
+    server = start_server("--upstream-max-attempts=1", "--cache-ttl=0")
+    new_image(emulator, "m-retry0000001", 3)
+    emulator.fault("error_code", count=1, status=503, code="ServiceUnavailable")
     errors: list[str] = []
     with ImageShareClient(
-        live.target,
+        server.target,
         retry=FAST_RETRY,
         service_config=None,
         on_retry=lambda _n, e, _d: errors.append(e.code_name),
@@ -525,49 +415,42 @@ def test_live_unavailable_before_first_message_is_retried(live: Live, admin: obj
     assert listing.attempts == 2
 
 
-def test_live_deadline(live: Live, admin: object) -> None:
-    from imageshare_server.emulator.admin import EmulatorAdmin
-
-    assert isinstance(admin, EmulatorAdmin)
-    admin.set(latency_ms=3000)
+def test_live_deadline(server: ServerProcess, emulator: EmulatorAdmin) -> None:
+    emulator.set(latency_ms=3000)
     started = time.monotonic()
-    with ImageShareClient(live.target) as client, pytest.raises(ImageShareError) as caught:
+    with ImageShareClient(server.target) as client, pytest.raises(ImageShareError) as caught:
         client.list_shares(REGION, "m-demo0000001", bypass_cache=True, timeout=0.5).collect()
     assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - started < 2.5
 
 
-def test_live_server_killed_mid_stream_fails_clearly(live: Live, admin: object) -> None:
+def test_live_server_killed_mid_stream_fails_clearly(
+    emulator: EmulatorAdmin, start_server: Callable[..., ServerProcess]
+) -> None:
     """A stream that delivered accounts is not silently restarted when its server dies."""
-    from imageshare_server.emulator.admin import EmulatorAdmin
-
-    assert isinstance(admin, EmulatorAdmin)
-    new_image(admin, "m-slow00000001", 60)
-    server = start_server(live.emulator_url, "--upstream-page-size=10")
-    try:
-        admin.set(latency_ms=300)  # 6 upstream pages: the stream lasts about 2 s
-        with ImageShareClient(f"127.0.0.1:{server.ready['grpc_port']}") as client:
-            listing = client.list_shares(REGION, "m-slow00000001", page_size=5, bypass_cache=True)
-            accounts = iter(listing)
-            next(accounts)
-            server.popen.kill()
-            with pytest.raises(StreamInterruptedError) as caught:
-                for _ in accounts:
-                    pass
-    finally:
-        server.stop()
+    server = start_server("--upstream-page-size=10")
+    new_image(emulator, "m-slow00000001", 60)
+    emulator.set(latency_ms=300)  # 6 upstream pages: the stream lasts about 2 s
+    with ImageShareClient(server.target) as client:
+        listing = client.list_shares(REGION, "m-slow00000001", page_size=5, bypass_cache=True)
+        accounts = iter(listing)
+        next(accounts)
+        server.proc.kill()
+        with pytest.raises(StreamInterruptedError) as caught:
+            for _ in accounts:
+                pass
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE
     assert 1 <= caught.value.accounts_received < 60
     assert listing.attempts == 1
 
 
-async def test_live_async_client_matches_sync(live: Live) -> None:
-    async with AsyncImageShareClient(live.target) as client:
+async def test_live_async_client_matches_sync(server: ServerProcess) -> None:
+    async with AsyncImageShareClient(server.target) as client:
         listing = client.list_shares(REGION, "m-demo0000001", page_size=100)
         meta = await listing.start()
         ids = [a.aliyun_id async for a in listing]
         assert await client.is_shared_with(REGION, "m-demo0000002", "1")
-    with ImageShareClient(live.target) as sync_client:
+    with ImageShareClient(server.target) as sync_client:
         expected = [a.aliyun_id for a in sync_client.list_shares(REGION, "m-demo0000001")]
     assert ids == expected
     assert meta.total_count == len(ids)

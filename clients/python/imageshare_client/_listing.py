@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
+
 from imageshare.v1 import image_share_pb2 as pb
 
 from .channel import RetryPolicy

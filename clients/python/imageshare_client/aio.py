@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 import grpc.aio
+
 from imageshare.v1 import image_share_pb2 as pb
 from imageshare.v1.image_share_pb2_grpc import ImageShareServiceStub
 

@@ -8,6 +8,7 @@ from types import TracebackType
 from typing import Any
 
 import grpc
+
 from imageshare.v1 import image_share_pb2 as pb
 from imageshare.v1.image_share_pb2_grpc import ImageShareServiceStub
 

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 LISTEN ?= 127.0.0.1:50051
 METRICS_LISTEN ?= 127.0.0.1:9464
 
-.PHONY: run test check lint format typecheck proto proto-check pytest emulator lock bench clean
+.PHONY: run test check lint format typecheck proto proto-check pytest emulator lock readme bench clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,12 +50,18 @@ proto-check: $(STAMP)
 	diff -r $$tmp/imageshare clients/python/imageshare -x __pycache__ && echo "generated code matches protos/" ; \
 	rc=$$?; rm -rf $$tmp; exit $$rc
 
+## pytest: the test suite (installs redis-server from Debian's packages when missing)
 pytest: $(STAMP)
+	scripts/ensure_redis.sh
 	$(BIN)/pytest
 
 ## lock: re-pin requirements.lock (the image's dependencies) from the venv
 lock: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH scripts/lock.sh
+
+## readme: regenerate the README's configuration table from the settings
+readme: $(STAMP)
+	$(BIN)/python scripts/update_readme_config.py
 
 ## bench: the façade benchmark (about a minute); see bench/README.md
 bench: $(STAMP)

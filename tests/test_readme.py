@@ -13,7 +13,7 @@ def test_readme_configuration_table_is_current():
     text = README.read_text()
     start = text.index("<!-- config-table:start -->\n") + len("<!-- config-table:start -->\n")
     end = text.index("<!-- config-table:end -->")
-    assert text[start:end] == config_table(), "run imageshare-server --print-config-table"
+    assert text[start:end] == config_table(), "run make readme"
 
 
 def test_readme_shows_the_two_commands():

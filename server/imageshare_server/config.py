@@ -76,6 +76,11 @@ class Settings:
     max_concurrent_rpcs: int = _opt(
         1000, "Concurrent RPCs beyond which new calls get RESOURCE_EXHAUSTED at once."
     )
+    health_listen: str = _opt(
+        "",
+        "Extra plaintext HOST:PORT serving only grpc.health.v1, for kubelet probes when the "
+        "gRPC port uses TLS; empty: none.",
+    )
     grace_period: float = _opt(
         20.0, "Seconds in-flight RPCs may take to finish after SIGTERM before they are cancelled."
     )

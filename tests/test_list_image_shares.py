@@ -258,3 +258,17 @@ def test_emulator_mode_serves_demo_data_in_process(start_server):
     with grpc.insecure_channel(server.target) as channel:
         stub = image_share_pb2_grpc.ImageShareServiceStub(channel)
         assert account_ids(list_all(stub, region_id=REGION, image_id=BIG)) == DEMO_IDS
+
+
+def test_plaintext_health_port_reports_the_same_health(start_server):
+    server = start_server("--health-listen", "127.0.0.1:0")
+    port = server.ready["health_port"]
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        response = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
+        # Only health lives there: the service itself is not reachable on that port.
+        stub = image_share_pb2_grpc.ImageShareServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as missing:
+            list_all(stub, region_id=REGION, image_id=BIG)
+        assert missing.value.code() is grpc.StatusCode.UNIMPLEMENTED

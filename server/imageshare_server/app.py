@@ -231,6 +231,14 @@ async def start(settings: Settings) -> Runtime:
     )
     grpc_port = _bind(server, settings)
     await server.start()
+    health_port: int | None = None
+    if settings.health_listen:
+        # Kubelet gRPC probes cannot speak TLS: a plaintext port with health only.
+        health_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_port = health_server.add_insecure_port(grpc_address(settings.health_listen))
+        await health_server.start()
+        closers.append(lambda: health_server.stop(0))
 
     runtime = Runtime(settings, server, health_servicer, http, grpc_port, closers=closers)
     if settings.metrics_listen:
@@ -247,6 +255,7 @@ async def start(settings: Settings) -> Runtime:
             "event": "serving",
             "grpc_port": runtime.grpc_port,
             "metrics_port": runtime.metrics_port,
+            "health_port": health_port,
             "upstream": "emulator"
             if settings.emulator
             else settings.upstream_endpoint or "official",
@@ -279,7 +288,7 @@ async def shutdown(runtime: Runtime, stop_now: asyncio.Event) -> None:
 
 
 async def serve(settings: Settings) -> None:
-    runtime = await start(settings)
+    # Handlers first: a SIGTERM that arrives while starting must drain, not kill.
     loop = asyncio.get_running_loop()
     first, second = asyncio.Event(), asyncio.Event()
 
@@ -288,6 +297,7 @@ async def serve(settings: Settings) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    runtime = await start(settings)
     await first.wait()
     await shutdown(runtime, second)
 

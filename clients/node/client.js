@@ -11,6 +11,7 @@
 const path = require('node:path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
+const protobuf = require('protobufjs');
 
 const PROTO_ROOT = path.resolve(__dirname, '..', '..', 'protos');
 const PROTO_FILE = 'imageshare/v1/image_share.proto';
@@ -47,7 +48,83 @@ function loadPackage() {
   return grpc.loadPackageDefinition(definition).imageshare.v1;
 }
 
-/** A failed call: `code` is the numeric gRPC status, `codeName` e.g. "NOT_FOUND". */
+// The google.rpc error-detail messages the server sends in grpc-status-details-bin.
+// Declared inline (field numbers from google/rpc/*.proto) so that no googleapis
+// checkout is needed to read them.
+const RPC_TYPES = protobuf.Root.fromJSON({
+  nested: {
+    google: {
+      nested: {
+        protobuf: {
+          nested: {
+            Any: { fields: { typeUrl: { type: 'string', id: 1 }, value: { type: 'bytes', id: 2 } } },
+            Duration: { fields: { seconds: { type: 'int64', id: 1 }, nanos: { type: 'int32', id: 2 } } },
+          },
+        },
+        rpc: {
+          nested: {
+            Status: {
+              fields: {
+                code: { type: 'int32', id: 1 },
+                message: { type: 'string', id: 2 },
+                details: { rule: 'repeated', type: 'google.protobuf.Any', id: 3 },
+              },
+            },
+            ErrorInfo: {
+              fields: {
+                reason: { type: 'string', id: 1 },
+                domain: { type: 'string', id: 2 },
+                metadata: { keyType: 'string', type: 'string', id: 3 },
+              },
+            },
+            BadRequest: {
+              fields: { fieldViolations: { rule: 'repeated', type: 'FieldViolation', id: 1 } },
+              nested: {
+                FieldViolation: {
+                  fields: { field: { type: 'string', id: 1 }, description: { type: 'string', id: 2 } },
+                },
+              },
+            },
+            RetryInfo: { fields: { retryDelay: { type: 'google.protobuf.Duration', id: 1 } } },
+          },
+        },
+      },
+    },
+  },
+});
+
+/** reason/domain/metadata (ErrorInfo), fieldViolations (BadRequest), retryAfterMs (RetryInfo). */
+function decodeDetails(serviceError) {
+  const out = { reason: '', domain: '', errorMetadata: {}, fieldViolations: [], retryAfterMs: null };
+  const raw = serviceError.metadata ? serviceError.metadata.get('grpc-status-details-bin') : [];
+  if (!raw || raw.length === 0) return out;
+  let status;
+  try {
+    status = RPC_TYPES.lookupType('google.rpc.Status').decode(raw[0]);
+  } catch {
+    return out; // unreadable details: the status code and message still stand
+  }
+  for (const detail of status.details) {
+    const typeName = detail.typeUrl.slice(detail.typeUrl.lastIndexOf('/') + 1);
+    if (typeName === 'google.rpc.ErrorInfo') {
+      const info = RPC_TYPES.lookupType(typeName).decode(detail.value);
+      Object.assign(out, { reason: info.reason, domain: info.domain, errorMetadata: { ...info.metadata } });
+    } else if (typeName === 'google.rpc.BadRequest') {
+      const bad = RPC_TYPES.lookupType(typeName).decode(detail.value);
+      out.fieldViolations.push(...bad.fieldViolations.map((v) => ({ field: v.field, description: v.description })));
+    } else if (typeName === 'google.rpc.RetryInfo') {
+      const delay = RPC_TYPES.lookupType(typeName).decode(detail.value).retryDelay;
+      if (delay) out.retryAfterMs = Number(delay.seconds) * 1000 + Math.floor((delay.nanos || 0) / 1e6);
+    }
+  }
+  return out;
+}
+
+/**
+ * A failed call: `code` is the numeric gRPC status, `codeName` e.g. "NOT_FOUND";
+ * `reason`, `domain`, `errorMetadata` (e.g. the upstream requestId) come from
+ * google.rpc.ErrorInfo, `fieldViolations` from google.rpc.BadRequest.
+ */
 class ImageShareError extends Error {
   constructor(serviceError, { interrupted = false, accountsReceived = 0 } = {}) {
     const codeName = grpc.status[serviceError.code] || 'UNKNOWN';
@@ -60,6 +137,7 @@ class ImageShareError extends Error {
     this.metadata = serviceError.metadata;
     this.interrupted = interrupted;
     this.accountsReceived = accountsReceived;
+    Object.assign(this, decodeDetails(serviceError));
   }
 }
 

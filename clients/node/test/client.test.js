@@ -57,11 +57,12 @@ test('errors carry the gRPC status name', async (t) => {
   await assert.rejects(client.listShares(REGION, 'm-doesnotexist0').collect(), (err) => {
     assert.ok(err instanceof ImageShareError);
     assert.equal(err.codeName, 'NOT_FOUND');
+    assert.ok(err.reason.length > 0, 'ErrorInfo.reason decoded');
     return true;
   });
   await assert.rejects(client.listShares('Not A Region', 'm-demo0000001').collect(), (err) => {
     assert.equal(err.codeName, 'INVALID_ARGUMENT');
-    assert.match(err.message, /region_id/);
+    assert.ok(err.fieldViolations.some((v) => v.field === 'region_id'), JSON.stringify(err.fieldViolations));
     return true;
   });
 });

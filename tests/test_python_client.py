@@ -265,6 +265,16 @@ def test_cancel_reaches_the_server(script: Script, target: str) -> None:
     assert script.cancelled.wait(5)
 
 
+def test_breaking_out_of_the_loop_cancels(script: Script, target: str) -> None:
+    script.messages = [message(["1"], 2)]
+    script.then = hang_until_cancelled
+    with no_channel_retry(target) as client:
+        for account in client.list_shares("cn-hangzhou", "m-test"):
+            assert account.aliyun_id == "1"
+            break
+        assert script.cancelled.wait(5)
+
+
 def test_is_shared_with_stops_reading_once_it_knows(script: Script, target: str) -> None:
     script.messages = [message(["1"], 3), message(["2"], 3)]
     script.then = hang_until_cancelled

@@ -116,15 +116,16 @@ class AsyncShareListing:
     async def _accounts(self) -> AsyncIterator[SharedAccount]:
         await self.start()
         first, self._first = self._first, None
-        if first is not None:
-            for raw in first.accounts:
-                yield SharedAccount.from_proto(raw)
         call = self._call
         try:
+            if first is not None:
+                for raw in first.accounts:
+                    yield SharedAccount.from_proto(raw)
             while True:
                 msg = await call.read()
                 if msg is grpc.aio.EOF:
-                    break
+                    self._state.finished = True
+                    return
                 for account in self._state.take(msg):
                     yield account
         except grpc.aio.AioRpcError as exc:
@@ -133,10 +134,10 @@ class AsyncShareListing:
             raise self._state.interrupted(
                 from_rpc_error(exc, attempts=self._state.attempts)
             ) from exc
-        except asyncio.CancelledError:
-            call.cancel()
-            raise
-        self._state.finished = True
+        finally:
+            # Cancelled task, `break` followed by aclose(), or an error: free the server.
+            if not self._state.finished:
+                self.cancel()
 
     async def collect(self) -> ShareList:
         """Read the whole listing into memory."""

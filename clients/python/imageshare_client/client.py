@@ -109,17 +109,21 @@ class ShareListing:
         first, self._first = self._first, None
         if first is None:
             raise RuntimeError("a ShareListing can be iterated only once")
-        yield from (SharedAccount.from_proto(a) for a in first.accounts)
         try:
+            yield from (SharedAccount.from_proto(a) for a in first.accounts)
             for msg in self._call:
                 yield from self._state.take(msg)
+            self._state.finished = True
         except grpc.RpcError as exc:
             if self._state.cancelled:
                 return
             raise self._state.interrupted(
                 from_rpc_error(exc, attempts=self._state.attempts)
             ) from exc
-        self._state.finished = True
+        finally:
+            # A caller that breaks out of the loop is done with the stream: free the server.
+            if not self._state.finished:
+                self.cancel()
 
     def collect(self) -> ShareList:
         """Read the whole listing into memory."""

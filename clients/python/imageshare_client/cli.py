@@ -35,6 +35,11 @@ EXIT_USAGE = 2
 EXIT_RPC_ERROR = 3
 EXIT_INTERRUPTED = 130
 DEFAULT_TARGET = "127.0.0.1:50051"
+JSON_FORMAT = """--json output, one JSON object per line, written as accounts arrive:
+  {"type": "account", "aliyun_id": "...", "shared_time": "2025-01-01T00:00:00Z" or null}
+  ... then one summary line:
+  {"type": "summary", "region_id", "image_id", "total_count", "accounts", "share_groups",
+   "public", "cache_status", "cache_age_seconds", "read_time", "upstream_request_ids"}"""
 # Progress is worth showing only when a listing is long enough to make a person wait.
 PROGRESS_EVERY = 50
 
@@ -65,10 +70,16 @@ def _parser() -> argparse.ArgumentParser:
         epilog="exit status: 0 ok, 1 not shared (check), 2 usage, 3 gRPC error, 130 interrupted",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    lst = sub.add_parser("list", parents=[common], help="list the accounts an image is shared with")
+    lst = sub.add_parser(
+        "list",
+        parents=[common],
+        help="list the accounts an image is shared with",
+        epilog=JSON_FORMAT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     lst.add_argument("--page-size", type=int, default=0, help="accounts per message (1-100)")
     lst.add_argument("--bypass-cache", action="store_true", help="read the upstream now")
-    lst.add_argument("--json", action="store_true", help="JSON lines (see --help of the module)")
+    lst.add_argument("--json", action="store_true", help="JSON lines for scripts (format below)")
     chk = sub.add_parser("check", parents=[common], help="exit 0 if ACCOUNT may use the image")
     chk.add_argument("--account", required=True, help="Alibaba Cloud account id")
     chk.add_argument("--quiet", "-q", action="store_true", help="print nothing, exit status only")

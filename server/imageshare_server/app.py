@@ -47,6 +47,7 @@ from imageshare_server.ecs.endpoints import EndpointResolver
 from imageshare_server.ecs.retry import RetryBudget, RetryPolicy
 from imageshare_server.flight import FlightOptions
 from imageshare_server.healthcheck import DrainingHealthServicer
+from imageshare_server.observability import metrics
 from imageshare_server.observability.grpc_metrics import GrpcMetricsInterceptor
 from imageshare_server.observability.logging import configure_logging, register_secret
 from imageshare_server.ratelimit import UpstreamRateLimiter
@@ -243,6 +244,8 @@ async def start(settings: Settings) -> Runtime:
     runtime = Runtime(settings, server, health_servicer, http, grpc_port, closers=closers)
     if settings.metrics_listen:
         host, port = split_host_port(settings.metrics_listen)
+        loop = asyncio.get_running_loop()
+        metrics.ASYNCIO_TASKS.set_function(lambda: len(asyncio.all_tasks(loop)))
         metrics_server, _ = start_http_server(port, addr=host or "0.0.0.0")
         runtime.metrics_port = metrics_server.server_port
         closers.append(metrics_server.shutdown)

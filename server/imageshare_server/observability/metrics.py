@@ -105,5 +105,10 @@ CREDENTIALS_REJECTED = Counter(
     ["code"],
 )
 
+ASYNCIO_TASKS = Gauge(
+    "imageshare_asyncio_tasks",
+    "Tasks alive in the server's event loop; steady growth under steady load is a leak.",
+)
+
 BUILD_INFO = Info("imageshare_build", "Version of the running imageshare server.")
 BUILD_INFO.info({"version": __version__})

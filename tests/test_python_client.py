@@ -253,6 +253,39 @@ def test_nothing_listening_fails_unavailable_after_bounded_attempts() -> None:
     assert seen == [1, 2]
 
 
+def test_server_that_comes_up_after_the_first_attempt_is_reached() -> None:
+    """A caller started before its server (a rollout, a restart) gets through on a retry."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    service = ScriptedService()
+    service.script.messages = [message(["7"], 1)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_ImageShareServiceServicer_to_server(service, server)
+
+    def start_listening(attempt: int, error: ImageShareError, _delay: float) -> None:
+        if attempt == 1:
+            assert error.code == grpc.StatusCode.UNAVAILABLE
+            # Binding is listening already (the kernel would queue connections): only now.
+            assert server.add_insecure_port(f"127.0.0.1:{port}") == port
+            server.start()
+
+    try:
+        with ImageShareClient(
+            f"127.0.0.1:{port}",
+            retry=RetryPolicy(max_attempts=8, initial_backoff=0.05, max_backoff=0.5),
+            # Reconnect quickly after the refused connection; the default waits about 1 s.
+            options=[("grpc.initial_reconnect_backoff_ms", 50)],
+            on_retry=start_listening,
+        ) as client:
+            listing = client.list_shares("cn-hangzhou", "m-test")
+            assert [a.aliyun_id for a in listing] == ["7"]
+        assert listing.attempts >= 2
+        assert service.script.calls == 1
+    finally:
+        server.stop(grace=None)
+
+
 def test_cancel_reaches_the_server(script: Script, target: str) -> None:
     script.messages = [message(["1"], 2)]
     script.then = hang_until_cancelled

@@ -8,6 +8,7 @@ bundled schema, so their fields are asserted directly.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import re
 import shutil
@@ -24,6 +25,9 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml  # type: ignore[import-untyped]
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from redis.connection import parse_url
+
+from imageshare_server.config import Settings, env_name, parse_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "imageshare"
@@ -33,6 +37,18 @@ NAME, NAMESPACE = "demo", "shares"
 FULLNAME = f"{NAME}-imageshare"
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
 RRSA_TOKEN_DIR = "/var/run/secrets/ack.alibabacloud.com/rrsa-tokens"
+REDIS_CA_DIR = "/etc/imageshare/redis-ca"
+REDIS_CA_URL = f"rediss://:pw@redis.example:6380/0?ssl_ca_certs={REDIS_CA_DIR}/ca.crt"
+REDIS_SETTINGS = {
+    "IMAGESHARE_REDIS_TIMEOUT",
+    "IMAGESHARE_REDIS_LEASE_TTL",
+    "IMAGESHARE_REDIS_KEY_PREFIX",
+    "IMAGESHARE_RATE_LIMIT_ACCOUNT",
+}
+# Chart defaults that differ from the server's on purpose: the listeners bind the pod's
+# ports on every interface, upstreamQps is per pod without Redis (2 pods x 10 = the
+# server's 20, see values.yaml) and maxConcurrentRpcs fits the pod's CPU limit.
+DELIBERATE_DIFFERENCES = {"listen", "metrics_listen", "upstream_qps", "max_concurrent_rpcs"}
 
 ACCESS_KEY = {"credentials": {"accessKeyId": "LTAI-test-id", "accessKeySecret": "test-secret"}}
 EXPLICIT_RRSA = {
@@ -107,7 +123,28 @@ CASES = {
         "podAntiAffinityPreset": "none",
         "topologySpread": {"enabled": False},
     },
+    "redis-private-ca": {
+        "redis": {"url": REDIS_CA_URL, "caSecret": "redis-ca", "rateLimitAccount": "acct"}
+    },
 }
+
+
+def config_data(objects: Objects) -> dict[str, str]:
+    data: dict[str, str] = objects[("ConfigMap", FULLNAME)]["data"]
+    return data
+
+
+def server_settings(objects: Objects, redis_url: str = "") -> Settings:
+    """What the real server's parser makes of the rendered ConfigMap (plus the Secret's URL)."""
+    env = dict(config_data(objects))
+    if redis_url:
+        env["IMAGESHARE_REDIS_URL"] = redis_url
+    return parse_settings([], env)
+
+
+def differences(settings: Settings) -> dict[str, Any]:
+    defaults = dataclasses.asdict(Settings())
+    return {k: v for k, v in dataclasses.asdict(settings).items() if v != defaults[k]}
 
 
 @pytest.mark.parametrize("case", ["defaults", "production"])
@@ -233,6 +270,124 @@ def test_config_map_sets_only_settings_the_server_knows(chart: helm.Chart) -> No
         chart_settings = set(objects[("ConfigMap", FULLNAME)]["data"])
         chart_settings |= {n for n in env_names(server_container(objects)) if "IMAGESHARE" in n}
         assert chart_settings - known == set(), case
+
+
+def test_chart_covers_every_server_setting(chart: helm.Chart) -> None:
+    """A setting the server gains must reach values.yaml, or operators cannot tune it."""
+    known = {env_name(f.name) for f in dataclasses.fields(Settings)}
+    covered: set[str] = set()
+    for case in ("defaults", "production"):
+        objects = render(chart, CASES[case])
+        covered |= set(config_data(objects)) | env_names(server_container(objects))
+    assert known - covered == set()
+
+
+def test_defaults_render_the_servers_defaults(chart: helm.Chart) -> None:
+    objects = render(chart, {})
+    data = config_data(objects)
+    # Integers must not render as floats ("6.7108864e+07"): the server's int() rejects them.
+    assert data["IMAGESHARE_CACHE_MAX_BYTES"] == "67108864"
+    assert data["IMAGESHARE_CACHE_MAX_ENTRIES"] == "10000"
+    assert data["IMAGESHARE_RETRY_BUDGET_RATIO"] == "0.1"
+    assert REDIS_SETTINGS & set(data) == set()
+    settings = server_settings(objects)
+    assert set(differences(settings)) == DELIBERATE_DIFFERENCES
+    assert (settings.upstream_qps, settings.max_concurrent_rpcs) == (10, 100)
+    assert (settings.listen, settings.metrics_listen) == ("0.0.0.0:50051", "0.0.0.0:9464")
+
+    # With Redis configured and nothing else set, its knobs are the server's defaults too.
+    with_redis = render(chart, {"redis": {"url": "redis://redis:6379/0"}})
+    assert set(config_data(with_redis)) >= REDIS_SETTINGS
+    changed = differences(server_settings(with_redis, "redis://redis:6379/0"))
+    assert set(changed) == DELIBERATE_DIFFERENCES | {"redis_url"}
+
+
+def test_every_tuning_value_reaches_the_server(chart: helm.Chart) -> None:
+    tuned = {
+        "config": {
+            "cacheStaleWhileRevalidateSeconds": 45,
+            "cacheStaleIfErrorSeconds": 1800,
+            "cacheNegativeTtlSeconds": 0,
+            "cacheMaxEntries": 50000,
+            "cacheMaxBytes": 268435456,
+            "upstreamQps": 0,
+            "upstreamBurst": 5,
+            "upstreamParallelPages": 4,
+            "upstreamMaxInFlight": 16,
+            "retryBudgetRatio": 0.25,
+            "upstreamMaxAttempts": 5,
+            "upstreamPageSize": 50,
+            "connectTimeoutSeconds": 2.5,
+            "readTimeoutSeconds": 30,
+        },
+        "redis": {
+            "url": "redis://redis:6379/1",
+            "timeoutSeconds": 0.5,
+            "leaseTtlSeconds": 8,
+            "keyPrefix": "shares-b:",
+            "rateLimitAccount": "acct-b",
+        },
+    }
+    settings = server_settings(render(chart, tuned), "redis://redis:6379/1")
+    assert differences(settings) == {
+        "listen": "0.0.0.0:50051",
+        "metrics_listen": "0.0.0.0:9464",
+        "max_concurrent_rpcs": 100,
+        "cache_stale_while_revalidate": 45,
+        "cache_stale_if_error": 1800,
+        "cache_negative_ttl": 0,
+        "cache_max_entries": 50000,
+        "cache_max_bytes": 268435456,
+        "upstream_qps": 0,
+        "upstream_burst": 5,
+        "upstream_parallel_pages": 4,
+        "upstream_max_in_flight": 16,
+        "retry_budget_ratio": 0.25,
+        "upstream_max_attempts": 5,
+        "upstream_page_size": 50,
+        "connect_timeout": 2.5,
+        "read_timeout": 30,
+        "redis_url": "redis://redis:6379/1",
+        "redis_timeout": 0.5,
+        "redis_lease_ttl": 8,
+        "redis_key_prefix": "shares-b:",
+        "rate_limit_account": "acct-b",
+    }
+
+
+def test_production_redis_knobs_and_private_ca(chart: helm.Chart) -> None:
+    values = production_values()
+    objects = render(chart, values)
+    container = server_container(objects)
+    (url_env,) = [e for e in container["env"] if e["name"] == "IMAGESHARE_REDIS_URL"]
+    assert url_env["valueFrom"]["secretKeyRef"] == {"name": "imageshare-redis", "key": "url"}
+    data = config_data(objects)
+    assert data["IMAGESHARE_REDIS_TIMEOUT"] == "0.25"
+    assert data["IMAGESHARE_REDIS_LEASE_TTL"] == "5"
+    assert data["IMAGESHARE_REDIS_KEY_PREFIX"] == values["redis"]["keyPrefix"]
+    assert data["IMAGESHARE_RATE_LIMIT_ACCOUNT"] == values["redis"]["rateLimitAccount"]
+    assert data["IMAGESHARE_UPSTREAM_QPS"] == "20"
+
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "redis-ca")
+    assert mount == {"name": "redis-ca", "mountPath": REDIS_CA_DIR, "readOnly": True}
+    pod = deployment(objects)["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "redis-ca")
+    assert volume["secret"]["secretName"] == "imageshare-redis-ca"
+    assert volume["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
+    # The URL the notes ask for makes redis-py trust exactly the mounted file.
+    notes = render_raw(chart, values)["imageshare/templates/NOTES.txt"]
+    assert f"?ssl_ca_certs={REDIS_CA_DIR}/ca.crt" in notes
+    client_options = parse_url(REDIS_CA_URL)  # type: ignore[no-untyped-call]  # redis-py
+    assert client_options["ssl_ca_certs"] == f"{mount['mountPath']}/ca.crt"
+    settings = server_settings(objects, REDIS_CA_URL)
+    assert settings.redis_key_prefix == "imageshare-prod:"
+    assert settings.rate_limit_account == "platform-prod"
+
+    defaults = render(chart, {})
+    assert "redis-ca" not in {
+        v["name"] for v in deployment(defaults)["spec"]["template"]["spec"]["volumes"]
+    }
+    assert "Redis URL" not in render_raw(chart, {})["imageshare/templates/NOTES.txt"]
 
 
 def test_checksum_annotation_rolls_pods_on_config_change(chart: helm.Chart) -> None:
@@ -455,6 +610,19 @@ def test_dashboard_config_map_ships_every_dashboard(tmp_path: Path) -> None:
         {"lifecycle": {"preStopMode": "signal"}},
         {"podDisruptionBudget": {"minAvailable": "half"}},
         {"replicaCount": "2"},
+        {"config": {"retryBudgetRatio": -0.1}},
+        {"config": {"cacheMaxEntries": "10000"}},
+        {"config": {"cacheMaxBytes": 1.5}},
+        {"config": {"cacheStaleIfErrorSeconds": -1}},
+        {"config": {"upstreamPageSize": 101}},
+        {"config": {"upstreamMaxAttempts": 0}},
+        {"config": {"upstreamBurst": 0}},
+        {"config": {"readTimeoutSeconds": 0}},
+        {"config": {"upstreamQps": -1}},
+        {"redis": {"timeoutSeconds": 0}},
+        {"redis": {"leaseTtlSeconds": "5s"}},
+        {"redis": {"keyPrefix": 7}},
+        {"redis": {"caSecret": "Redis_CA"}},
     ],
     ids=repr,
 )
@@ -475,6 +643,11 @@ def test_schema_rejects_unknown_and_invalid_values(
         ({"credentials": {"accessKeyId": "LTAI-only-id"}}, "accessKeySecret"),
         ({"tls": {"enabled": True}}, "tls.secretName"),
         ({"terminationGracePeriodSeconds": 25}, "must exceed"),
+        ({"redis": {"caSecret": "redis-ca"}}, "redis.caSecret needs redis.url"),
+        (
+            {"redis": {"url": "rediss://redis:6380/0", "caSecret": "redis-ca"}},
+            f"?ssl_ca_certs={REDIS_CA_DIR}/ca.crt",
+        ),
     ],
 )
 def test_inconsistent_values_fail_with_a_clear_message(

@@ -78,8 +78,22 @@ app.kubernetes.io/part-of: imageshare
 {{- end }}
 {{- end }}
 
+{{/* Redis is configured when either source of its URL is set. */}}
+{{- define "imageshare.redisEnabled" -}}
+{{- if or .Values.redis.url .Values.redis.existingSecret }}true{{ end }}
+{{- end }}
+
 {{- define "imageshare.ownsRedisSecret" -}}
 {{- if and .Values.redis.url (not .Values.redis.existingSecret) }}true{{ end }}
+{{- end }}
+
+{{/* Where the CA of redis.caSecret is mounted; the Redis URL names it in ssl_ca_certs. */}}
+{{- define "imageshare.redisCaDir" -}}
+/etc/imageshare/redis-ca
+{{- end }}
+
+{{- define "imageshare.redisCaFile" -}}
+{{ include "imageshare.redisCaDir" . }}/ca.crt
 {{- end }}
 
 {{/* Port the kubelet probes: the plaintext health port when TLS is on, else gRPC. */}}
@@ -103,6 +117,14 @@ app.kubernetes.io/part-of: imageshare
 {{- end }}
 {{- if and .Values.tls.enabled (eq (int .Values.tls.healthPort) (int .Values.containerPorts.grpc)) }}
 {{- fail "tls.healthPort must differ from containerPorts.grpc" }}
+{{- end }}
+{{- if and .Values.redis.caSecret (not (include "imageshare.redisEnabled" .)) }}
+{{- fail "redis.caSecret needs redis.url or redis.existingSecret" }}
+{{- end }}
+{{- if and .Values.redis.caSecret .Values.redis.url (not .Values.redis.existingSecret) }}
+{{- if not (and (hasPrefix "rediss://" .Values.redis.url) (contains (printf "ssl_ca_certs=%s" (include "imageshare.redisCaFile" .)) .Values.redis.url)) }}
+{{- fail (printf "redis.caSecret needs a rediss:// redis.url ending in ?ssl_ca_certs=%s, or the client will not trust the CA" (include "imageshare.redisCaFile" .)) }}
+{{- end }}
 {{- end }}
 {{- $drain := add .Values.lifecycle.preStopSleepSeconds .Values.config.gracePeriodSeconds }}
 {{- if le (int .Values.terminationGracePeriodSeconds) (int $drain) }}

@@ -196,9 +196,7 @@ async def soak(args: argparse.Namespace) -> int:
         f"error rate {errors / max(total, 1):.2%} of a {ERROR_BUDGET:.0%} budget "
         f"({used:.0%} of the budget used)"
     )
-    print(
-        f"emulator upstream calls answered (last phase only, counters reset per phase): {upstream}"
-    )
+    print(f"upstream attempts by the server: {upstream} ({upstream / max(total, 1):.2f} per call)")
     print(f"server exit code {code}")
     end, warm_sample = samples[-1], samples[1]
     flat = end.fds <= warm_sample.fds + 5 and end.tasks <= warm_sample.tasks + 5

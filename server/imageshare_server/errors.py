@@ -20,6 +20,7 @@ from grpc_status import rpc_status
 
 from imageshare_server.ecs.client import DeadlineExceededError
 from imageshare_server.ecs.errors import UpstreamApiError, UpstreamError, UpstreamTransportError
+from imageshare_server.observability.logging import redact
 from imageshare_server.validation import InvalidRequestError
 
 SERVICE_DOMAIN = "imageshare.v1"
@@ -119,7 +120,7 @@ def upstream_error(error: UpstreamError) -> RpcError:
                 "this is a service fault, not the caller's"
             )
         else:
-            message = f"upstream {error.code}: {error.message}"
+            message = f"upstream {error.code}: {redact(error.message)}"
         if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
             delay = error.retry_after or DEFAULT_THROTTLE_RETRY_DELAY
             retry_info = error_details_pb2.RetryInfo()
@@ -135,7 +136,9 @@ def upstream_error(error: UpstreamError) -> RpcError:
             domain=SERVICE_DOMAIN,
             metadata={"kind": error.kind},
         )
-        return _status(grpc.StatusCode.UNAVAILABLE, f"upstream unavailable: {error}", info)
+        return _status(
+            grpc.StatusCode.UNAVAILABLE, f"upstream unavailable: {redact(str(error))}", info
+        )
     return internal_error()
 
 

@@ -53,9 +53,11 @@ class Knobs:
         self._data = data
         self._lock = threading.Lock()
         self._random = random.Random()
+        self._generation = 0
         self._clear()
 
     def _clear(self) -> None:
+        self._generation += 1
         self.latency_ms = 0.0
         self.latency_jitter_ms = 0.0
         self.error_rate = 0.0
@@ -205,7 +207,8 @@ class Knobs:
 
     # --- Hooks the server calls --------------------------------------------------------------
 
-    def enter(self, action: str, params: Mapping[str, str], nonce: str | None) -> None:
+    def enter(self, action: str, params: Mapping[str, str], nonce: str | None) -> int:
+        """Count a call as it arrives; returns the counters' generation for ``leave``."""
         with self._lock:
             self._calls_by_action[action] += 1
             if action == "DescribeImageSharePermission":
@@ -214,9 +217,16 @@ class Knobs:
                 self._nonces.append(nonce)
             self._in_flight += 1
             self._max_in_flight = max(self._max_in_flight, self._in_flight)
+            return self._generation
 
-    def leave(self, outcome: str, signature_version: str | None) -> None:
+    def leave(self, generation: int, outcome: str, signature_version: str | None) -> None:
+        """Count a call's outcome, unless the counters were reset while it was answered.
+
+        A slow answer that outlives a ``reset`` belongs to the test before it.
+        """
         with self._lock:
+            if generation != self._generation:
+                return
             self._in_flight -= 1
             self._outcomes[outcome] += 1
             if signature_version is not None:

@@ -127,7 +127,7 @@ class _Handler(BaseHTTPRequestHandler):
             body=body,
         )
         knobs = emulator.knobs
-        knobs.enter(request.action or "", params, request.nonce)
+        generation = knobs.enter(request.action or "", params, request.nonce)
         outcome = "Success"
         try:
             delay = knobs.latency_seconds()
@@ -144,7 +144,7 @@ class _Handler(BaseHTTPRequestHandler):
                 outcome = f"fault:{fault.mode}"
             self._send(response, fault)
         finally:
-            knobs.leave(outcome, request.signature_version)
+            knobs.leave(generation, outcome, request.signature_version)
 
     def _send(self, response: EmulatorResponse, fault: Fault | None = None) -> None:
         body, content_type = response.body, response.content_type

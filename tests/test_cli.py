@@ -151,8 +151,17 @@ def test_progress_on_a_terminal(target: str) -> None:
         check=False,
     )
     os.close(follower)
-    progress = os.read(leader, 65536).decode()
+    chunks = []
+    while True:  # a pty hands its buffer over in pieces; read until the writer is gone
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: no writer left
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
     os.close(leader)
+    progress = b"".join(chunks).decode()
     assert proc.returncode == 0
     assert "received 50/" in progress
     assert progress.endswith("\r\x1b[K")

@@ -288,7 +288,8 @@ def test_defaults_render_the_servers_defaults(chart: helm.Chart) -> None:
     # Integers must not render as floats ("6.7108864e+07"): the server's int() rejects them.
     assert data["IMAGESHARE_CACHE_MAX_BYTES"] == "67108864"
     assert data["IMAGESHARE_CACHE_MAX_ENTRIES"] == "10000"
-    assert data["IMAGESHARE_RETRY_BUDGET_RATIO"] == "0.1"
+    assert data["IMAGESHARE_RETRY_BUDGET_RATIO"] == "1"
+    assert data["IMAGESHARE_RETRY_BUDGET_TOKENS"] == "10"
     assert REDIS_SETTINGS & set(data) == set()
     settings = server_settings(objects)
     assert set(differences(settings)) == DELIBERATE_DIFFERENCES
@@ -314,6 +315,7 @@ def test_every_tuning_value_reaches_the_server(chart: helm.Chart) -> None:
             "upstreamBurst": 5,
             "upstreamParallelPages": 4,
             "upstreamMaxInFlight": 16,
+            "retryBudgetTokens": 20,
             "retryBudgetRatio": 0.25,
             "upstreamMaxAttempts": 5,
             "upstreamPageSize": 50,
@@ -342,6 +344,7 @@ def test_every_tuning_value_reaches_the_server(chart: helm.Chart) -> None:
         "upstream_burst": 5,
         "upstream_parallel_pages": 4,
         "upstream_max_in_flight": 16,
+        "retry_budget_tokens": 20,
         "retry_budget_ratio": 0.25,
         "upstream_max_attempts": 5,
         "upstream_page_size": 50,

@@ -156,17 +156,24 @@ def test_upstream_error_codes_map_to_grpc_statuses(stub, emulator, code, status,
     assert error.error_info.metadata["httpStatus"] == str(status)
 
 
-def test_throttling_after_retries_is_resource_exhausted_with_retry_info(stub, emulator):
+def fresh_stub(server: ServerProcess) -> image_share_pb2_grpc.ImageShareServiceStub:
+    """A stub on a new server: its retry budget is full whatever earlier tests did."""
+    return image_share_pb2_grpc.ImageShareServiceStub(grpc.insecure_channel(server.target))
+
+
+def test_throttling_after_retries_is_resource_exhausted_with_retry_info(start_server, emulator):
+    stub = fresh_stub(start_server())
     emulator.throttle_next(10)
     error = list_error(stub, region_id=REGION, image_id=BIG)
     assert error.code is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert error.error_info is not None and error.error_info.reason == "THROTTLING_USER"
     assert error.retry_info is not None and error.retry_info.retry_delay.ToNanoseconds() > 0
-    # Three attempts in all, as configured by default.
-    assert emulator.counters()["outcomes"].get("Throttling.User") == 3
+    # Four attempts in all, as configured by default.
+    assert emulator.counters()["outcomes"].get("Throttling.User") == 4
 
 
-def test_transient_throttling_is_retried_with_fresh_nonces(stub, emulator):
+def test_transient_throttling_is_retried_with_fresh_nonces(start_server, emulator):
+    stub = fresh_stub(start_server())
     emulator.throttle_next(2)
     messages = list_all(stub, region_id=REGION, image_id=BIG)
     assert account_ids(messages) == DEMO_IDS

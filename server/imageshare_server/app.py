@@ -164,7 +164,7 @@ def build_source(
         signature_version=signature,
         read_timeout=settings.read_timeout,
         retry=RetryPolicy(max_attempts=settings.upstream_max_attempts),
-        retry_gate=RetryBudget(ratio=settings.retry_budget_ratio),
+        retry_gate=RetryBudget(settings.retry_budget_tokens, settings.retry_budget_ratio),
         limiter=local_limiter
         if redis is None
         else redis_setup.limiter(settings, redis, credentials, local_limiter),

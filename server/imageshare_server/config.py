@@ -64,14 +64,23 @@ class Settings:
         10, "Pages of one share list read at the same time after page 1."
     )
     upstream_max_in_flight: int = _opt(64, "Upstream calls under way at once, in all.")
+    retry_budget_tokens: float = _opt(
+        10.0,
+        "Retry budget size: each transient upstream failure takes a token, and retries stop "
+        "while half or fewer are left (gRPC retryThrottling maxTokens).",
+    )
     retry_budget_ratio: float = _opt(
-        0.1, "Retries allowed per first attempt (retry budget); bounds retries in an outage."
+        1.0,
+        "Tokens each successful upstream attempt puts back (gRPC retryThrottling tokenRatio); "
+        "1.0 keeps retrying while under half of attempts fail.",
     )
     connect_timeout: float = _opt(5.0, "Upstream connect timeout, seconds.")
     read_timeout: float = _opt(10.0, "Upstream read timeout per attempt, seconds.")
     upstream_page_size: int = _opt(100, "PageSize of upstream calls (1-100).")
     upstream_max_attempts: int = _opt(
-        3, "Upstream attempts per page in all (first try plus retries)."
+        4,
+        "Upstream attempts per page in all (first try plus retries); 4 keeps a two-page list "
+        "whole 98% of the time when 30% of upstream calls fail.",
     )
     max_concurrent_rpcs: int = _opt(
         1000, "Concurrent RPCs beyond which new calls get RESOURCE_EXHAUSTED at once."
@@ -130,11 +139,13 @@ class Settings:
             "cache_stale_if_error",
             "cache_negative_ttl",
             "upstream_qps",
-            "retry_budget_ratio",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
+        if self.retry_budget_ratio <= 0:
+            raise ValueError("retry_budget_ratio must be positive")
         for name in (
+            "retry_budget_tokens",
             "cache_max_entries",
             "cache_max_bytes",
             "upstream_burst",

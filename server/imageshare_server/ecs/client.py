@@ -36,7 +36,9 @@ SignatureVersion = Literal["v3", "v1"]
 class RetryGate(Protocol):
     """Decides whether a retry may be spent (see ``retry.RetryBudget``)."""
 
-    def attempt(self) -> None: ...
+    def on_success(self) -> None: ...
+
+    def on_failure(self) -> None: ...
 
     def allow_retry(self) -> bool: ...
 
@@ -92,14 +94,15 @@ class EcsClient:
         }
         if owner_account:
             params["OwnerAccount"] = owner_account
-        self._gate.attempt()
         attempt = 1
         while True:
             try:
-                body = await self._attempt(region_id, params, deadline)
-                return parse_page(body)
+                page = parse_page(await self._attempt(region_id, params, deadline))
             except UpstreamError as exc:
-                if not exc.retryable or attempt >= self._retry.max_attempts:
+                if not exc.retryable:
+                    raise
+                self._gate.on_failure()
+                if attempt >= self._retry.max_attempts:
                     raise
                 delay = self._retry.delay(attempt, exc)
                 if deadline is not None and time.monotonic() + delay >= deadline:
@@ -110,6 +113,9 @@ class EcsClient:
                 metrics.UPSTREAM_RETRIES.labels(ACTION, exc.outcome).inc()
                 await asyncio.sleep(delay)
                 attempt += 1
+            else:
+                self._gate.on_success()
+                return page
 
     async def _attempt(
         self, region_id: str, params: Mapping[str, str], deadline: float | None

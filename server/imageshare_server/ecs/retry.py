@@ -1,16 +1,15 @@
 """When to retry an upstream call, and when not to.
 
 Backoff is exponential with full jitter (so synchronized callers spread
-out). The retry budget caps retries at a fraction of first attempts, as in
-Google SRE's "retry budget" and the AWS SDK's retry quota: in a full outage
-the service adds ``ratio`` more calls at most, instead of multiplying its
-load on a struggling upstream by the attempt count.
+out). The retry budget throttles retries by the recent failure rate (Google
+SRE's "retry budget", the AWS SDK's retry quota, gRPC's retryThrottling): in
+a full outage the service stops retrying after a few failures instead of
+multiplying its load on a struggling upstream by the attempt count.
 """
 
 from __future__ import annotations
 
 import random
-import time
 from dataclasses import dataclass
 
 from imageshare_server.ecs.errors import UpstreamApiError, UpstreamError
@@ -35,43 +34,46 @@ class RetryPolicy:
 
 
 class RetryBudget:
-    """Token bucket of retries: each first attempt deposits ``ratio``, each retry spends one.
+    """Retry throttling as gRPC specifies it (gRFC A6 ``retryThrottling``).
 
-    ``reserve`` tokens allow a few retries when traffic is low (a single
-    caller's one transient error should still be retried); the bucket never
-    holds more than ``reserve`` plus what recent traffic deposited, capped.
+    A bucket of ``max_tokens``: every transient failure takes one token,
+    every success puts ``token_ratio`` back, and a retry is made only while
+    more than half the tokens are left. With a success worth one token,
+    retries flow while fewer than half the attempts fail (30% random 5xx are
+    absorbed), and stop after a handful of failures once the upstream is
+    down: in a full outage retries add about ``max_tokens / 2`` calls in all,
+    not a multiple of the load.
     """
 
-    def __init__(self, ratio: float = 0.1, reserve: float = 10.0, cap: float = 100.0) -> None:
-        if ratio < 0 or reserve < 0 or cap < reserve:
-            raise ValueError("ratio and reserve must be >= 0 and cap >= reserve")
-        self.ratio = ratio
-        self.cap = cap
-        self._tokens = reserve
+    def __init__(self, max_tokens: float = 10.0, token_ratio: float = 1.0) -> None:
+        if max_tokens < 1 or token_ratio <= 0:
+            raise ValueError("max_tokens must be >= 1 and token_ratio > 0")
+        self.max_tokens = max_tokens
+        self.token_ratio = token_ratio
+        self._tokens = max_tokens
 
     @property
     def tokens(self) -> float:
         return self._tokens
 
-    def attempt(self) -> None:
-        self._tokens = min(self.cap, self._tokens + self.ratio)
+    def on_success(self) -> None:
+        self._tokens = min(self.max_tokens, self._tokens + self.token_ratio)
+
+    def on_failure(self) -> None:
+        self._tokens = max(0.0, self._tokens - 1.0)
 
     def allow_retry(self) -> bool:
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return True
-        return False
+        return self._tokens > self.max_tokens / 2
 
 
 class UnlimitedRetries:
     """No budget: every retry the policy allows is made (tests, single callers)."""
 
-    def attempt(self) -> None:
+    def on_success(self) -> None:
+        """Nothing to record."""
+
+    def on_failure(self) -> None:
         """Nothing to record."""
 
     def allow_retry(self) -> bool:
         return True
-
-
-def monotonic() -> float:
-    return time.monotonic()

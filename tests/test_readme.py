@@ -19,3 +19,15 @@ def test_readme_configuration_table_is_current():
 def test_readme_shows_the_two_commands():
     text = README.read_text()
     assert "make run" in text and "make test" in text
+
+
+def test_every_flag_is_documented_in_help(capsys):
+    import pytest
+
+    from imageshare_server.config import build_parser
+
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["--help"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+    assert "--upstream-max-attempts" in text and "IMAGESHARE_UPSTREAM_MAX_ATTEMPTS" in text

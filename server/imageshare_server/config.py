@@ -205,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="gRPC service: who is a custom Alibaba Cloud ECS image shared with?",
     )
     for f, kind in _fields():
+        # argparse formats help with %: a literal one in our text must be doubled.
         help_text = f"{f.metadata['help']} [env {env_name(f.name)}, default {f.default!r}]"
+        help_text = help_text.replace("%", "%%")
         if kind is bool:
             parser.add_argument(
                 flag_name(f.name),

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from imageshare_server.config import config_table
+import pytest
+
+from imageshare_server.config import build_parser, config_table
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -22,10 +24,6 @@ def test_readme_shows_the_two_commands():
 
 
 def test_every_flag_is_documented_in_help(capsys):
-    import pytest
-
-    from imageshare_server.config import build_parser
-
     with pytest.raises(SystemExit) as exited:
         build_parser().parse_args(["--help"])
     assert exited.value.code == 0

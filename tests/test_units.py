@@ -1,0 +1,277 @@
+"""Unit tests for the pure logic under the request path: no sockets needed."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from imageshare.v1 import image_share_pb2
+from imageshare_server.cache import CachePolicy, Freshness, ShareCache
+from imageshare_server.config import parse_settings, split_host_port
+from imageshare_server.ecs.endpoints import EndpointResolver, official_host, region_label
+from imageshare_server.ecs.errors import (
+    UpstreamApiError,
+    UpstreamTransportError,
+    redact_upstream_message,
+)
+from imageshare_server.ecs.model import Account, SharePage
+from imageshare_server.ecs.retry import RetryBudget, RetryPolicy
+from imageshare_server.errors import ListingUnstableError, aip193_reason
+from imageshare_server.flight import Flight, FlightOptions, ShareList
+from imageshare_server.listing import SnapshotChecker
+from imageshare_server.messages import MessageBuilder, cached_messages, hit_suffix
+from imageshare_server.ratelimit import RateLimitedError, TokenBucket
+from imageshare_server.source import ShareChunk
+from imageshare_server.validation import ShareKey, ShareQuery
+
+KEY = ShareKey("cn-hangzhou", "m-unit0001")
+
+
+def page(ids: list[str], total: int, number: int = 1, groups: tuple[str, ...] = ()) -> SharePage:
+    return SharePage(
+        request_id=f"req-{number}",
+        page_number=number,
+        page_size=100,
+        total_count=total,
+        accounts=tuple(Account(i) for i in ids),
+        share_groups=groups,
+    )
+
+
+# --- endpoints -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("region", "host"),
+    [
+        ("cn-hangzhou", "ecs-cn-hangzhou.aliyuncs.com"),
+        ("cn-wuhan", "ecs.aliyuncs.com"),
+        ("eu-central-1", "ecs.eu-central-1.aliyuncs.com"),
+    ],
+)
+def test_official_endpoint_rules(region, host):
+    assert official_host(region) == host
+    endpoint = EndpointResolver().resolve(region)
+    assert (endpoint.base_url, endpoint.host) == (f"https://{host}", host)
+
+
+def test_vpc_endpoint_and_override():
+    assert (
+        EndpointResolver(vpc=True).resolve("cn-shanghai").host == "ecs-vpc.cn-shanghai.aliyuncs.com"
+    )
+    override = EndpointResolver("http://127.0.0.1:8080").resolve("cn-shanghai")
+    assert (override.base_url, override.host) == ("http://127.0.0.1:8080", "127.0.0.1:8080")
+    with pytest.raises(ValueError, match="http"):
+        EndpointResolver("ftp://example.invalid")
+
+
+def test_region_label_is_bounded():
+    assert region_label("cn-hangzhou") == "cn-hangzhou"
+    assert region_label("xx-made-up-9") == "other"
+
+
+# --- errors --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [
+        ("InvalidImageId.NotFound", "INVALID_IMAGE_ID_NOT_FOUND"),
+        ("Throttling.User", "THROTTLING_USER"),
+        ("Forbidden.RAM", "FORBIDDEN_RAM"),
+        ("SignatureDoesNotMatch", "SIGNATURE_DOES_NOT_MATCH"),
+        ("InvalidAccessKeyId.NotFound", "INVALID_ACCESS_KEY_ID_NOT_FOUND"),
+        ("HTTP503", "HTTP503"),
+    ],
+)
+def test_aip193_reasons(code, reason):
+    assert aip193_reason(code) == reason
+
+
+def test_upstream_errors_classify_retries_and_redact_string_to_sign():
+    assert UpstreamApiError("Throttling.User", "x", http_status=400).retryable
+    assert UpstreamApiError("ServiceUnavailable", "x", http_status=503).retryable
+    assert not UpstreamApiError("InvalidImageId.NotFound", "x", http_status=404).retryable
+    assert UpstreamTransportError("timeout", "ReadTimeout").retryable
+    echoed = (
+        "Specified signature is not matched. server string to sign is:GET&%2F&AccessKeyId%3DLTAI"
+    )
+    assert "LTAI" not in redact_upstream_message(echoed)
+    error = UpstreamApiError("SignatureDoesNotMatch", echoed, http_status=400)
+    assert error.is_credentials and "LTAI" not in str(error)
+
+
+# --- retries and rate limit ----------------------------------------------------------
+
+
+def test_backoff_is_capped_jittered_and_honours_retry_after():
+    policy = RetryPolicy(base_delay=0.1, max_delay=1.0)
+    transient = UpstreamTransportError("timeout", "x")
+    assert all(0 <= policy.delay(n, transient) <= min(1.0, 0.1 * 2 ** (n - 1)) for n in range(1, 8))
+    hinted = UpstreamApiError("Throttling", "x", http_status=400, retry_after=0.25)
+    assert policy.delay(1, hinted) == 0.25
+
+
+def test_retry_budget_absorbs_sparse_failures_and_stops_in_an_outage():
+    budget = RetryBudget(max_tokens=10, token_ratio=1.0)
+    for _ in range(100):  # 30% failures, interleaved: retries always allowed
+        budget.on_failure()
+        assert budget.allow_retry()
+        budget.on_success()
+        budget.on_success()
+    outage_retries = 0
+    for _ in range(100):
+        budget.on_failure()
+        if budget.allow_retry():
+            outage_retries += 1
+    assert outage_retries == 4  # 10 -> 6 tokens: then half or fewer are left
+
+
+def test_token_bucket_spaces_calls_and_refuses_past_the_deadline():
+    bucket = TokenBucket(rate=10, burst=2)
+    now = 100.0
+    waits = [bucket.reserve(now) for _ in range(4)]
+    assert waits == pytest.approx([0.0, 0.0, 0.1, 0.2])
+    with pytest.raises(RateLimitedError) as refused:
+        bucket.reserve(now, deadline=now + 0.05)
+    assert refused.value.wait == pytest.approx(0.3)
+    # A refused call reserves nothing: the next slot is still 0.3 s away.
+    assert bucket.reserve(now) == pytest.approx(0.3)
+
+
+# --- snapshot rules ------------------------------------------------------------------
+
+
+def test_snapshot_checker_rejects_changed_totals_overlaps_and_short_pages():
+    checker = SnapshotChecker(page([str(i) for i in range(100)], 150), 100)
+    assert checker.pages == 2
+    with pytest.raises(ListingUnstableError, match="TotalCount"):
+        checker.add(page([str(i) for i in range(100, 151)], 151, 2), 2)
+    with pytest.raises(ListingUnstableError, match="repeats"):
+        SnapshotChecker(page([str(i) for i in range(100)], 150), 100).add(
+            page([str(i) for i in range(99, 149)], 150, 2), 2
+        )
+    with pytest.raises(ListingUnstableError, match="expected 50"):
+        SnapshotChecker(page([str(i) for i in range(100)], 150), 100).add(
+            page([str(i) for i in range(100, 140)], 150, 2), 2
+        )
+
+
+class ShiftingClient:
+    """Our own upstream client's interface, answering a list that changes on every read."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def describe_image_share_permission(self, *_: object, **kw: object) -> SharePage:
+        self.calls += 1
+        number = int(kw["page_number"])  # type: ignore[call-overload]
+        ids = [f"{self.calls}-{i}" for i in range(150)]  # new ids every call: overlap-free
+        total = 150 + self.calls  # ...but a TotalCount that never holds still
+        return page(ids[(number - 1) * 100 : number * 100], total, number)
+
+
+async def test_a_list_that_never_settles_ends_aborted_after_bounded_rereads():
+    client = ShiftingClient()
+    flight = Flight(
+        client,  # type: ignore[arg-type]
+        KEY,
+        FlightOptions(page_size=100, max_attempts=3),
+        asyncio.Semaphore(8),
+        deadline=None,
+    )
+    landed: list[Flight] = []
+    flight.start(landed.append)
+    with pytest.raises(ListingUnstableError):
+        await flight.wait()
+    assert landed == [flight] and not flight.pages
+    assert client.calls == 6  # three reads of two pages, nothing published
+
+
+# --- cache ---------------------------------------------------------------------------
+
+
+def shares(key: ShareKey, n: int, read_monotonic: float | None = None) -> ShareList:
+    return ShareList(
+        key=key,
+        accounts=tuple(Account(f"{i:016d}") for i in range(n)),
+        share_groups=(),
+        request_ids=("r",),
+        read_time=time.time(),
+        read_monotonic=time.monotonic() if read_monotonic is None else read_monotonic,
+    )
+
+
+def test_cache_windows():
+    cache = ShareCache(CachePolicy(ttl=10, stale_while_revalidate=5, stale_if_error=60))
+    entry = cache.put(shares(KEY, 3, read_monotonic=1000.0))
+    assert entry is not None
+    assert cache.freshness(entry, now=1009) is Freshness.FRESH
+    assert cache.freshness(entry, now=1012) is Freshness.STALE
+    assert cache.freshness(entry, now=1030) is Freshness.ERROR_ONLY
+    assert cache.freshness(entry, now=1071) is Freshness.EXPIRED
+
+
+def test_cache_evicts_least_recently_used_by_entries_and_bytes():
+    cache = ShareCache(CachePolicy(max_entries=2, max_bytes=10**9))
+    keys = [ShareKey("cn-hangzhou", f"m-lru{i}") for i in range(3)]
+    cache.put(shares(keys[0], 1))
+    cache.put(shares(keys[1], 1))
+    assert cache.get(keys[0]) is not None  # 0 is now the most recently used
+    cache.put(shares(keys[2], 1))
+    assert cache.get(keys[1]) is None and cache.get(keys[0]) is not None and len(cache) == 2
+    small = ShareCache(CachePolicy(max_bytes=20_000))
+    small.put(shares(keys[0], 100))
+    small.put(shares(keys[1], 100))
+    assert len(small) == 1 and small.bytes <= 20_000
+    assert ShareCache(CachePolicy(ttl=0)).put(shares(keys[0], 1)) is None  # disabled
+
+
+# --- messages ------------------------------------------------------------------------
+
+
+def query(page_size: int) -> ShareQuery:
+    return ShareQuery(KEY, page_size, bypass_cache=False)
+
+
+def test_messages_regroup_pages_and_carry_groups_once():
+    builder = MessageBuilder(query(3))
+    chunks = [
+        ShareChunk([Account(str(i)) for i in range(4)], ["all"], 6, ["a"], 1, time.time()),
+        ShareChunk([Account(str(i)) for i in range(4, 6)], ["all"], 6, ["b"], 1, time.time()),
+    ]
+    out = [m for c in chunks for m in builder.feed(c)] + list(builder.finish())
+    assert [len(m.accounts) for m in out] == [3, 3]
+    assert [g.group for g in out[0].share_groups] == ["all"] and not out[1].share_groups
+    assert list(out[0].upstream_request_ids) == ["a"] and list(out[1].upstream_request_ids) == ["b"]
+    assert not out[0].HasField("cache_age")  # a fresh read has no age
+
+
+def test_cached_hit_bytes_plus_suffix_parse_as_a_whole_message():
+    cache = ShareCache(CachePolicy())
+    entry = cache.put(shares(KEY, 7))
+    assert entry is not None
+    prebuilt = cached_messages(entry, query(5))
+    assert cached_messages(entry, query(5)) is prebuilt  # built once per page size
+    suffix = hit_suffix(image_share_pb2.CACHE_STATUS_HIT, entry.stored)
+    messages = [image_share_pb2.ListImageSharesResponse.FromString(b + suffix) for b in prebuilt]
+    assert [len(m.accounts) for m in messages] == [5, 2]
+    assert {m.cache_status for m in messages} == {image_share_pb2.CACHE_STATUS_HIT}
+    assert all(m.total_count == 7 and m.region_id == "cn-hangzhou" for m in messages)
+
+
+# --- configuration -------------------------------------------------------------------
+
+
+def test_flags_win_over_environment_and_bad_values_are_named():
+    env = {"IMAGESHARE_CACHE_TTL": "5", "IMAGESHARE_EMULATOR": "yes"}
+    settings = parse_settings(["--cache-ttl", "7"], env)
+    assert (settings.cache_ttl, settings.emulator) == (7.0, True)
+    with pytest.raises(ValueError, match="IMAGESHARE_UPSTREAM_QPS"):
+        parse_settings([], {"IMAGESHARE_UPSTREAM_QPS": "fast"})
+    with pytest.raises(ValueError, match="upstream_page_size"):
+        parse_settings(["--upstream-page-size", "101"], {})
+    assert split_host_port(":50051") == ("", 50051)
+    assert split_host_port("[::1]:9") == ("::1", 9)

@@ -31,10 +31,10 @@ from imageshare_server.ecs.model import Account
 from imageshare_server.emulator import EmulatorAdmin
 from imageshare_server.flight import ShareList
 from imageshare_server.ratelimit import RateLimitedError, UpstreamRateLimiter
-from imageshare_server.redis_lease import LeaseManager
-from imageshare_server.redis_link import RedisLink
-from imageshare_server.redis_ratelimit import RedisRateLimiter
-from imageshare_server.redis_store import decode, encode, encode_negative
+from imageshare_server.replicas.lease import LeaseManager
+from imageshare_server.replicas.link import RedisLink
+from imageshare_server.replicas.ratelimit import RedisRateLimiter
+from imageshare_server.replicas.store import decode, encode, encode_negative
 from imageshare_server.validation import ShareKey
 from tests.support.processes import ServerProcess
 from tests.support.redis_server import RedisServer

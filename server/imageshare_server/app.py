@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from imageshare.v1 import image_share_pb2
-from imageshare_server import __version__, redis_setup
+from imageshare_server import __version__
 from imageshare_server.cache import CachePolicy, ShareCache
 from imageshare_server.config import (
     Settings,
@@ -51,7 +51,8 @@ from imageshare_server.observability import metrics
 from imageshare_server.observability.grpc_metrics import GrpcMetricsInterceptor
 from imageshare_server.observability.logging import configure_logging, register_secret
 from imageshare_server.ratelimit import UpstreamRateLimiter
-from imageshare_server.redis_link import RedisLink
+from imageshare_server.replicas import setup as replicas
+from imageshare_server.replicas.link import RedisLink
 from imageshare_server.service import ImageShareService, add_to_server
 from imageshare_server.source import SharedShareSource
 from imageshare_server.tls import TlsConfigError, server_credentials
@@ -167,7 +168,7 @@ def build_source(
         retry_gate=RetryBudget(settings.retry_budget_tokens, settings.retry_budget_ratio),
         limiter=local_limiter
         if redis is None
-        else redis_setup.limiter(settings, redis, credentials, local_limiter),
+        else replicas.limiter(settings, redis, credentials, local_limiter),
     )
     cache = ShareCache(
         CachePolicy(
@@ -188,7 +189,7 @@ def build_source(
         cache,
         options,
         max_parallel_pages_total=settings.upstream_max_in_flight,
-        shared=None if redis is None else redis_setup.tier(settings, redis, cache.policy),
+        shared=None if redis is None else replicas.tier(settings, redis, cache.policy),
     )
 
 
@@ -206,7 +207,7 @@ async def start(settings: Settings) -> Runtime:
         trust_env=False,
         headers={"user-agent": f"imageshare/{__version__}"},
     )
-    redis = redis_setup.connect(settings, closers)
+    redis = replicas.connect(settings, closers)
     source = build_source(settings, http, credentials, endpoints, redis)
 
     interceptor = GrpcMetricsInterceptor()

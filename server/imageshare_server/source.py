@@ -12,7 +12,7 @@ single-flight upstream reads:
 * otherwise, or with ``bypass_cache``: follow the read in flight for the key
   (COALESCED) or start one (MISS / BYPASS). The result refreshes the entry.
 
-With Redis (``redis_flight.RedisTier``) the in-process cache is a small L1:
+With Redis (``replicas.flight.RedisTier``) the in-process cache is a small L1:
 when it has no fresh entry, a newer list stored by any replica is taken
 from Redis first, and reads are coordinated across replicas by a lease.
 Without Redis the behaviour is exactly the in-process one.
@@ -37,7 +37,7 @@ from imageshare_server.observability import metrics
 from imageshare_server.validation import ShareKey, ShareQuery
 
 if TYPE_CHECKING:
-    from imageshare_server.redis_flight import RedisTier
+    from imageshare_server.replicas.flight import RedisTier
 
 log = logging.getLogger(__name__)
 

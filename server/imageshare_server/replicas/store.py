@@ -26,7 +26,7 @@ from imageshare_server.ecs.errors import UpstreamApiError
 from imageshare_server.ecs.model import Account
 from imageshare_server.flight import ShareList
 from imageshare_server.observability import metrics
-from imageshare_server.redis_link import RedisLink, RedisUnavailable
+from imageshare_server.replicas.link import RedisLink, RedisUnavailable
 from imageshare_server.validation import ShareKey
 
 _VERSION = b"\x01"

@@ -22,9 +22,9 @@ from imageshare_server.ecs.errors import UpstreamApiError
 from imageshare_server.ecs.model import SharePage
 from imageshare_server.flight import Flight, FlightOptions, ShareList
 from imageshare_server.observability import metrics
-from imageshare_server.redis_lease import LeaseManager
-from imageshare_server.redis_link import RedisLink, RedisUnavailable
-from imageshare_server.redis_store import RedisShareStore
+from imageshare_server.replicas.lease import LeaseManager
+from imageshare_server.replicas.link import RedisLink, RedisUnavailable
+from imageshare_server.replicas.store import RedisShareStore
 from imageshare_server.validation import ShareKey
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ import logging
 import secrets
 from collections.abc import AsyncIterator
 
-from imageshare_server.redis_link import RedisLink, RedisUnavailable
+from imageshare_server.replicas.link import RedisLink, RedisUnavailable
 from imageshare_server.validation import ShareKey
 
 log = logging.getLogger(__name__)

@@ -9,9 +9,9 @@ from imageshare_server.cache import CachePolicy
 from imageshare_server.config import Settings
 from imageshare_server.ecs.credentials import CredentialsProvider
 from imageshare_server.ratelimit import UpstreamRateLimiter
-from imageshare_server.redis_flight import RedisTier
-from imageshare_server.redis_link import RedisLink
-from imageshare_server.redis_ratelimit import RedisRateLimiter
+from imageshare_server.replicas.flight import RedisTier
+from imageshare_server.replicas.link import RedisLink
+from imageshare_server.replicas.ratelimit import RedisRateLimiter
 
 log = logging.getLogger(__name__)
 

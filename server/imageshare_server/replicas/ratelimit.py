@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 
 from imageshare_server.observability import metrics
 from imageshare_server.ratelimit import RateLimitedError, UpstreamRateLimiter
-from imageshare_server.redis_link import RedisLink, RedisUnavailable
+from imageshare_server.replicas.link import RedisLink, RedisUnavailable
 
 # KEYS[1] bucket; ARGV: interval us, tolerance us, longest acceptable wait us (-1: any).
 # Returns {1, wait_us} for a reserved slot, {0, wait_us} for a refusal.

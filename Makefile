@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 LISTEN ?= 127.0.0.1:50051
 METRICS_LISTEN ?= 127.0.0.1:9464
 
-.PHONY: run test check lint format typecheck proto proto-check pytest emulator lock readme bench clean
+.PHONY: run test check lint format typecheck proto proto-check pytest emulator lock readme callers bench clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -62,6 +62,11 @@ lock: $(STAMP)
 ## readme: regenerate the README's configuration table from the settings
 readme: $(STAMP)
 	$(BIN)/python scripts/update_readme_config.py
+
+## callers: Go and Java stubs for callers in gen/ (Debian's protoc plugins, offline)
+callers: $(STAMP)
+	scripts/ensure_codegen_plugins.sh
+	PATH=$(CURDIR)/$(BIN):$$PATH scripts/gen_callers.sh gen/
 
 ## bench: the façade benchmark (about a minute); see bench/README.md
 bench: $(STAMP)

@@ -18,18 +18,5 @@ command -v protoc-gen-go-grpc >/dev/null 2>&1 || missing="$missing protoc-gen-go
     missing="$missing libgeronimo-annotation-1.3-spec-java"
 [ -f /usr/share/java/guava.jar ] || missing="$missing libguava-java"
 
-if [ -z "$missing" ]; then
-    exit 0
-fi
-if ! command -v apt-get >/dev/null 2>&1; then
-    echo "missing Debian packages:$missing; apt-get is not available: install them by hand" >&2
-    exit 1
-fi
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then
-    SUDO="sudo"
-fi
-export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq
 # shellcheck disable=SC2086
-$SUDO apt-get install -y -qq --no-install-recommends $missing
+exec "$(dirname "$0")/apt_install.sh" $missing

@@ -265,8 +265,8 @@ def test_retry_budget_bounds_upstream_calls_in_a_full_outage(start_server, emula
             error = list_error(stub, region_id=REGION, image_id="m-demo0000003")
             assert error.code is grpc.StatusCode.UNAVAILABLE
     # Without the budget: 4 attempts each = 240. With it: retries stop once half of the
-    # 10 tokens are gone, so only the first listing is retried (3 retries).
-    assert calls(emulator) == requests + 3
+    # 20 tokens are gone: 3 + 3 + 1 retries for the first three listings, none after.
+    assert calls(emulator) == requests + 7
 
 
 def test_retries_never_reuse_a_nonce(start_server, emulator):

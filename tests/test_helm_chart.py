@@ -289,7 +289,7 @@ def test_defaults_render_the_servers_defaults(chart: helm.Chart) -> None:
     assert data["IMAGESHARE_CACHE_MAX_BYTES"] == "67108864"
     assert data["IMAGESHARE_CACHE_MAX_ENTRIES"] == "10000"
     assert data["IMAGESHARE_RETRY_BUDGET_RATIO"] == "1"
-    assert data["IMAGESHARE_RETRY_BUDGET_TOKENS"] == "10"
+    assert data["IMAGESHARE_RETRY_BUDGET_TOKENS"] == "20"
     assert REDIS_SETTINGS & set(data) == set()
     settings = server_settings(objects)
     assert set(differences(settings)) == DELIBERATE_DIFFERENCES
@@ -315,7 +315,7 @@ def test_every_tuning_value_reaches_the_server(chart: helm.Chart) -> None:
             "upstreamBurst": 5,
             "upstreamParallelPages": 4,
             "upstreamMaxInFlight": 16,
-            "retryBudgetTokens": 20,
+            "retryBudgetTokens": 30,
             "retryBudgetRatio": 0.25,
             "upstreamMaxAttempts": 5,
             "upstreamPageSize": 50,
@@ -344,7 +344,7 @@ def test_every_tuning_value_reaches_the_server(chart: helm.Chart) -> None:
         "upstream_burst": 5,
         "upstream_parallel_pages": 4,
         "upstream_max_in_flight": 16,
-        "retry_budget_tokens": 20,
+        "retry_budget_tokens": 30,
         "retry_budget_ratio": 0.25,
         "upstream_max_attempts": 5,
         "upstream_page_size": 50,

@@ -65,7 +65,7 @@ class Settings:
     )
     upstream_max_in_flight: int = _opt(64, "Upstream calls under way at once, in all.")
     retry_budget_tokens: float = _opt(
-        10.0,
+        20.0,
         "Retry budget size: each transient upstream failure takes a token, and retries stop "
         "while half or fewer are left (gRPC retryThrottling maxTokens).",
     )

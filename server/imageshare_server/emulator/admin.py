@@ -65,6 +65,7 @@ class EmulatorAdmin:
         error_rate: float | None = None,
         qps_limit: int | None = None,
         down: bool | None = None,
+        seed: int | None = None,
     ) -> None:
         self._call(
             "set",
@@ -73,6 +74,7 @@ class EmulatorAdmin:
             error_rate=error_rate,
             qps_limit=qps_limit,
             down=down,
+            seed=seed,
         )
 
     def throttle_next(self, n: int) -> None:

@@ -85,8 +85,13 @@ class Knobs:
         error_rate: float | None = None,
         qps_limit: int | None = None,
         down: bool | None = None,
+        seed: int | None = None,
     ) -> None:
-        """Change the given settings; ``None`` leaves a setting as it is."""
+        """Change the given settings; ``None`` leaves a setting as it is.
+
+        ``seed`` fixes the random draws (error_rate, fault rates, jitter) so a
+        test of random failures replays the same failures every run.
+        """
         if error_rate is not None and not 0.0 <= error_rate <= 1.0:
             raise ValueError("error_rate must be within 0..1")
         with self._lock:
@@ -100,6 +105,8 @@ class Knobs:
                 self.qps_limit = int(qps_limit)
             if down is not None:
                 self.down = bool(down)
+            if seed is not None:
+                self._random.seed(int(seed))
 
     def throttle_next(self, n: int) -> None:
         """The next ``n`` calls answer ``Throttling.User``."""

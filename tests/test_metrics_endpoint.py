@@ -68,14 +68,19 @@ async def _drive(server: ServerProcess, emulator) -> None:
         assert late.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
         call = stub.ListImageShares(Request(region_id="cn-hangzhou", image_id="m-demo0000003"))
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, _wait_in_flight, emulator)
+        # Cancel only once the server has started the call (the emulator's in-flight count
+        # may still hold the previous, timed-out call's upstream request).
+        await loop.run_in_executor(None, _wait_started, server, 5)
         call.cancel()
 
 
-def _wait_in_flight(emulator) -> None:
+def _wait_started(server: ServerProcess, count: int) -> None:
     end = time.monotonic() + 10
-    while emulator.counters()["in_flight"] < 1:
-        assert time.monotonic() < end
+    while (
+        value(scrape(server), "grpc_server_started_total", grpc_type="server_stream", **METHOD)
+        < count
+    ):
+        assert time.monotonic() < end, "the server never started the call"
         time.sleep(0.01)
 
 

@@ -10,7 +10,6 @@ them to Alibaba Cloud support.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 import grpc
 from google.protobuf import any_pb2
@@ -41,13 +40,6 @@ class ListingUnstableError(Exception):
     """The share list kept changing while it was read; no consistent snapshot could be taken."""
 
 
-@dataclass(frozen=True)
-class RpcError:
-    code: grpc.StatusCode
-    message: str
-    status: grpc.Status
-
-
 def _pack(*messages: Message) -> list[any_pb2.Any]:
     packed = []
     for message in messages:
@@ -57,9 +49,9 @@ def _pack(*messages: Message) -> list[any_pb2.Any]:
     return packed
 
 
-def _status(code: grpc.StatusCode, message: str, *details: Message) -> RpcError:
+def _status(code: grpc.StatusCode, message: str, *details: Message) -> grpc.Status:
     proto = status_pb2.Status(code=code.value[0], message=message, details=_pack(*details))
-    return RpcError(code, message, rpc_status.to_status(proto))
+    return rpc_status.to_status(proto)
 
 
 def upstream_grpc_code(error: UpstreamApiError) -> grpc.StatusCode:
@@ -84,7 +76,7 @@ def upstream_grpc_code(error: UpstreamApiError) -> grpc.StatusCode:
     return grpc.StatusCode.FAILED_PRECONDITION
 
 
-def invalid_request(error: InvalidRequestError) -> RpcError:
+def invalid_request(error: InvalidRequestError) -> grpc.Status:
     fields = ", ".join(v.field for v in error.violations)
     bad_request = error_details_pb2.BadRequest(
         field_violations=[
@@ -100,7 +92,7 @@ def invalid_request(error: InvalidRequestError) -> RpcError:
     )
 
 
-def upstream_error(error: UpstreamError) -> RpcError:
+def upstream_error(error: UpstreamError) -> grpc.Status:
     if isinstance(error, UpstreamApiError):
         code = upstream_grpc_code(error)
         info = error_details_pb2.ErrorInfo(
@@ -142,17 +134,17 @@ def upstream_error(error: UpstreamError) -> RpcError:
     return internal_error()
 
 
-def deadline_exceeded(error: DeadlineExceededError) -> RpcError:
+def deadline_exceeded(error: DeadlineExceededError) -> grpc.Status:
     info = error_details_pb2.ErrorInfo(reason="DEADLINE_TOO_SHORT", domain=SERVICE_DOMAIN)
     return _status(grpc.StatusCode.DEADLINE_EXCEEDED, str(error), info)
 
 
-def listing_unstable(error: ListingUnstableError) -> RpcError:
+def listing_unstable(error: ListingUnstableError) -> grpc.Status:
     info = error_details_pb2.ErrorInfo(reason="SHARE_LIST_CHANGING", domain=SERVICE_DOMAIN)
     return _status(grpc.StatusCode.ABORTED, str(error), info)
 
 
-def rate_limited(wait: float) -> RpcError:
+def rate_limited(wait: float) -> grpc.Status:
     info = error_details_pb2.ErrorInfo(reason="UPSTREAM_RATE_LIMITED", domain=SERVICE_DOMAIN)
     retry_info = error_details_pb2.RetryInfo()
     retry_info.retry_delay.FromNanoseconds(int(wait * 1e9))
@@ -164,7 +156,7 @@ def rate_limited(wait: float) -> RpcError:
     )
 
 
-def overloaded(limit: int) -> RpcError:
+def overloaded(limit: int) -> grpc.Status:
     info = error_details_pb2.ErrorInfo(
         reason="TOO_MANY_CONCURRENT_CALLS", domain=SERVICE_DOMAIN, metadata={"limit": str(limit)}
     )
@@ -178,6 +170,6 @@ def overloaded(limit: int) -> RpcError:
     )
 
 
-def internal_error() -> RpcError:
+def internal_error() -> grpc.Status:
     info = error_details_pb2.ErrorInfo(reason="INTERNAL", domain=SERVICE_DOMAIN)
     return _status(grpc.StatusCode.INTERNAL, "internal error", info)

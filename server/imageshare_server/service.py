@@ -45,15 +45,11 @@ class ImageShareService:
         self._max_concurrent = max_concurrent
         self._active = 0
 
-    @property
-    def active(self) -> int:
-        return self._active
-
     async def ListImageShares(
         self, request: Request, context: Context
     ) -> AsyncIterator[Response | bytes]:
         if self._active >= self._max_concurrent:
-            await context.abort_with_status(errors.overloaded(self._max_concurrent).status)
+            await context.abort_with_status(errors.overloaded(self._max_concurrent))
         self._active += 1
         try:
             async for message in self._list(request, context):
@@ -66,13 +62,13 @@ class ImageShareService:
         try:
             query = validate(request)
         except InvalidRequestError as exc:
-            await context.abort_with_status(errors.invalid_request(exc).status)
+            await context.abort_with_status(errors.invalid_request(exc))
         fields.update(region=query.key.region_id, image=query.key.image_id)
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         builder = MessageBuilder(query)
         request_ids: list[str] = []
-        failure: errors.RpcError | None = None
+        failure: grpc.Status | None = None
         try:
             async for chunk in self._source.stream(query, deadline=deadline):
                 if not request_ids and not builder.messages_sent:
@@ -80,9 +76,10 @@ class ImageShareService:
                 request_ids.extend(chunk.request_ids)
                 if chunk.entry is not None:
                     suffix = hit_suffix(chunk.cache_status, chunk.entry.stored)
-                    for data in cached_messages(chunk.entry, query):
+                    prebuilt = cached_messages(chunk.entry, query)
+                    for data in prebuilt:
                         yield data + suffix
-                    fields["messages"] = len(chunk.entry.messages[query.page_size])
+                    fields["messages"] = len(prebuilt)
                     return
                 for message in builder.feed(chunk):
                     yield message
@@ -105,7 +102,7 @@ class ImageShareService:
         finally:
             fields["upstream_request_ids"] = request_ids
         if failure is not None:
-            await context.abort_with_status(failure.status)
+            await context.abort_with_status(failure)
 
 
 def _announce(

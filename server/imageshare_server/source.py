@@ -89,10 +89,6 @@ class SharedShareSource:
         self._global_pages = asyncio.Semaphore(max_parallel_pages_total)
         self._flights: dict[ShareKey, Flight] = {}
 
-    @property
-    def flights_in_progress(self) -> int:
-        return len(self._flights)
-
     def _flight(
         self,
         key: ShareKey,

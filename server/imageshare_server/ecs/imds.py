@@ -13,9 +13,9 @@ from collections.abc import Mapping
 
 import httpx
 
-from imageshare_server.ecs.credentials import Credentials, CredentialsUnavailable
+from imageshare_server.ecs.credentials import CredentialsUnavailable
 from imageshare_server.ecs.refreshing import ExpiringCredentials
-from imageshare_server.ecs.sts import parse_expiration
+from imageshare_server.ecs.sts import expiring_credentials
 
 DEFAULT_METADATA_ENDPOINT = "http://100.100.100.200"
 TOKEN_PATH = "/latest/api/token"  # noqa: S105 - a URL path
@@ -43,16 +43,7 @@ def credentials_from_document(text: str, source: str) -> ExpiringCredentials:
     if not isinstance(doc, dict) or doc.get("Code") != "Success":
         code = doc.get("Code") if isinstance(doc, dict) else None
         raise CredentialsUnavailable(f"{source}: Code is {code!r}, not 'Success'")
-    key_id, secret, token = (
-        doc.get("AccessKeyId"),
-        doc.get("AccessKeySecret"),
-        doc.get("SecurityToken"),
-    )
-    if not (isinstance(key_id, str) and isinstance(secret, str) and isinstance(token, str)):
-        raise CredentialsUnavailable(f"{source}: credentials are incomplete")
-    return ExpiringCredentials(
-        Credentials(key_id, secret, token), parse_expiration(doc.get("Expiration"), source)
-    )
+    return expiring_credentials(doc, source)
 
 
 class EcsRamRoleFetcher:

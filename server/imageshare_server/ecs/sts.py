@@ -59,6 +59,20 @@ def parse_expiration(value: object, source: str) -> float:
     return parsed.timestamp()
 
 
+def expiring_credentials(fields: Mapping[str, object], source: str) -> ExpiringCredentials:
+    """Temporary credentials from the shape STS, the metadata service and credential URIs share."""
+    key_id, secret, token = (
+        fields.get("AccessKeyId"),
+        fields.get("AccessKeySecret"),
+        fields.get("SecurityToken"),
+    )
+    if not (isinstance(key_id, str) and isinstance(secret, str) and isinstance(token, str)):
+        raise CredentialsUnavailable(f"{source}: credentials are incomplete")
+    return ExpiringCredentials(
+        Credentials(key_id, secret, token), parse_expiration(fields.get("Expiration"), source)
+    )
+
+
 def _redact(text: str, hidden: list[str]) -> str:
     for value in hidden:
         if value:
@@ -86,16 +100,7 @@ def _credentials_from(
     creds = body.get("Credentials")
     if not isinstance(creds, dict):
         raise CredentialsUnavailable(f"{source}: response has no Credentials")
-    key_id, secret, token = (
-        creds.get("AccessKeyId"),
-        creds.get("AccessKeySecret"),
-        creds.get("SecurityToken"),
-    )
-    if not (isinstance(key_id, str) and isinstance(secret, str) and isinstance(token, str)):
-        raise CredentialsUnavailable(f"{source}: Credentials are incomplete")
-    return ExpiringCredentials(
-        Credentials(key_id, secret, token), parse_expiration(creds.get("Expiration"), source)
-    )
+    return expiring_credentials(creds, source)
 
 
 async def assume_role_with_oidc(

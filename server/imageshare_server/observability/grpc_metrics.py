@@ -21,10 +21,11 @@ of the label values.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
 from typing import Any
 
 import grpc
@@ -354,25 +355,12 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return self._sync(behavior, labels, streaming_request=streaming_request)
 
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            call = _Call(self, labels)
-            exc: BaseException | None = None
-            with bind_rpc_log_fields() as fields:
-                call.fields = fields
-                if streaming_request:
-                    request = _CountingIterator(request, call)
-                else:
-                    call.message_received()
-                try:
-                    response = await behavior(request, _ContextProxy(context, call))
-                    code = context.code()
-                    if code is None or code is grpc.StatusCode.OK:
-                        call.message_sent()
-                    return response
-                except BaseException as error:
-                    exc = error
-                    raise
-                finally:
-                    call.finish(context, exc)
+            with self._accounted(labels, context, request, streaming_request) as (call, counted):
+                response = await behavior(counted, _ContextProxy(context, call))
+                code = context.code()
+                if code is None or code is grpc.StatusCode.OK:
+                    call.message_sent()
+                return response
 
         return handle
 
@@ -392,33 +380,50 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return self._sync(behavior, labels, streaming_request=streaming_request)
 
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> None:
-            call = _Call(self, labels)
-            exc: BaseException | None = None
-            with bind_rpc_log_fields() as fields:
-                call.fields = fields
-                if streaming_request:
-                    request = _CountingIterator(request, call)
-                else:
-                    call.message_received()
+            with self._accounted(labels, context, request, streaming_request) as (call, counted):
                 proxy = _ContextProxy(context, call)
+                if not is_generator:
+                    await behavior(counted, proxy)
+                    return
+                responses: AsyncIterator[Any] = behavior(counted, proxy)
                 try:
-                    if is_generator:
-                        responses: AsyncIterator[Any] = behavior(request, proxy)
-                        try:
-                            async for response in responses:
-                                await context.write(response)
-                                call.message_sent()
-                        finally:
-                            await responses.aclose()  # type: ignore[attr-defined]
-                    else:
-                        await behavior(request, proxy)
-                except BaseException as error:
-                    exc = error
-                    raise
+                    async for response in responses:
+                        await context.write(response)
+                        call.message_sent()
                 finally:
-                    call.finish(context, exc)
+                    await responses.aclose()  # type: ignore[attr-defined]
 
         return handle
+
+    @contextlib.contextmanager
+    def _accounted(
+        self,
+        labels: tuple[str, str, str],
+        context: grpc.aio.ServicerContext,
+        request: Any,
+        streaming_request: bool,
+    ) -> Iterator[tuple[_Call, Any]]:
+        """Count one async call from its request to its end, whatever ends it.
+
+        Yields the call's accounting and the request to hand the handler (a
+        counting iterator when requests stream). The handler's exception, a
+        cancellation included, is what ``finish`` turns into the code.
+        """
+        call = _Call(self, labels)
+        exc: BaseException | None = None
+        with bind_rpc_log_fields() as fields:
+            call.fields = fields
+            if streaming_request:
+                request = _CountingIterator(request, call)
+            else:
+                call.message_received()
+            try:
+                yield call, request
+            except BaseException as error:
+                exc = error
+                raise
+            finally:
+                call.finish(context, exc)
 
     def _sync(
         self,

@@ -21,6 +21,7 @@ Without Redis the behaviour is exactly the in-process one.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -132,12 +133,8 @@ class SharedShareSource:
         if self._flights.get(flight.key) is flight:
             del self._flights[flight.key]
         if flight.page_size != self._options.page_size:
-            self._options = FlightOptions(
-                page_size=flight.page_size,
-                max_parallel_pages=self._options.max_parallel_pages,
-                max_attempts=self._options.max_attempts,
-                timeout=self._options.timeout,
-            )
+            # Remember the page size the upstream accepted for later flights.
+            self._options = dataclasses.replace(self._options, page_size=flight.page_size)
         if flight.result is not None:
             self._cache.put(flight.result)
         elif isinstance(flight.error, UpstreamApiError) and flight.error.code.endswith(".NotFound"):

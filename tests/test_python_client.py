@@ -414,6 +414,19 @@ def test_live_large_listing_in_chunks(server: ServerProcess) -> None:
     assert all(a.shared_time is not None for a in result.accounts)
 
 
+def test_live_sync_stream_is_read_on_the_calling_thread(server: ServerProcess) -> None:
+    """No hand-over of each message from a grpc thread: no thread appears while streaming."""
+    with ImageShareClient(server.target) as client:
+        before = set(threading.enumerate())
+        listing = client.list_shares(REGION, "m-demo0000001", page_size=7)
+        accounts = iter(listing)
+        next(accounts)
+        during = set(threading.enumerate())
+        rest = list(accounts)
+    assert during - before == set()
+    assert len(rest) + 1 == listing.metadata.total_count
+
+
 def test_live_public_and_unshared_images(server: ServerProcess) -> None:
     with ImageShareClient(server.target) as client:
         assert client.list_shares(REGION, "m-demo0000002").metadata.share_groups == ("all",)

@@ -8,6 +8,7 @@ from types import TracebackType
 from typing import Any
 
 import grpc
+import grpc.experimental
 
 from imageshare.v1 import image_share_pb2 as pb
 from imageshare.v1.image_share_pb2_grpc import ImageShareServiceStub
@@ -25,6 +26,15 @@ from .errors import from_rpc_error
 from .models import ListingMetadata, SharedAccount, ShareList
 
 DEFAULT_TIMEOUT = 10.0
+
+# Each stream is read on the thread that iterates it. By default grpc receives every message on
+# its channel thread and hands it over through a condition variable: a thread switch (and the
+# GIL) per message, which measured as the largest part of a Python caller's cost for a long
+# listing (bench/README.md, scenario (c)). A listing is iterated by one thread, so nothing is
+# lost; grpc still calls the option experimental.
+SYNC_STREAM_OPTIONS: tuple[tuple[str, Any], ...] = (
+    (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1),
+)
 
 
 class ShareListing:
@@ -168,7 +178,7 @@ class ImageShareClient:
         metadata: Sequence[tuple[str, str]] = (),
         on_retry: RetryHook | None = None,
     ) -> None:
-        opts = channel_options(service_config, options)
+        opts = channel_options(service_config, [*SYNC_STREAM_OPTIONS, *options])
         if credentials is None:
             self._channel = grpc.insecure_channel(target, options=opts)
         else:

@@ -22,7 +22,7 @@ from imageshare_server.errors import ListingUnstableError, aip193_reason
 from imageshare_server.flight import Flight, FlightOptions, ShareList
 from imageshare_server.listing import SnapshotChecker
 from imageshare_server.messages import MessageBuilder, cached_messages, hit_suffix
-from imageshare_server.ratelimit import RateLimitedError, TokenBucket
+from imageshare_server.ratelimit import JITTER_GUARD, RateLimitedError, SendWindow, TokenBucket
 from imageshare_server.source import ShareChunk
 from imageshare_server.validation import ShareKey, ShareQuery
 
@@ -139,6 +139,25 @@ def test_token_bucket_spaces_calls_and_refuses_past_the_deadline():
     assert refused.value.wait == pytest.approx(0.3)
     # A refused call reserves nothing: the next slot is still 0.3 s away.
     assert bucket.reserve(now) == pytest.approx(0.3)
+
+
+def test_send_window_holds_back_what_a_late_sleeper_would_push_over_the_rate():
+    window = SendWindow(rate=20)
+    # Slot 0 (t=0.00) left 40 ms late; slots 1..19 left on time, 50 ms apart.
+    sent = [0.04, *(0.05 * i for i in range(1, 20))]
+    for t in sent:
+        assert window.wait(t) == 0.0
+        window.record(t)
+    # Slot 20 is due at 1.00 s: on time it would be the 21st call within one second.
+    assert window.wait(1.0) == pytest.approx(0.04 + 1.0 + JITTER_GUARD - 1.0)
+    assert window.wait(1.0 + 0.04 + JITTER_GUARD) == 0.0
+
+
+def test_send_window_below_one_call_per_second():
+    window = SendWindow(rate=0.5)
+    window.record(10.0)
+    assert window.wait(11.0) == pytest.approx(1.0 + JITTER_GUARD)
+    assert window.wait(12.0 + JITTER_GUARD) == 0.0
 
 
 # --- snapshot rules ------------------------------------------------------------------

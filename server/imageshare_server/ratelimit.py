@@ -6,12 +6,22 @@ together; a limiter per region at ``--upstream-qps`` keeps this service's
 share predictable. The algorithm is GCRA (a token bucket without a timer):
 each call reserves the next free slot, so waiting callers are served in
 order and none is starved.
+
+Slots are reserved when a call arrives, but a call leaves when its sleep
+ends, and sleeps end late by varying amounts: a late call followed by an
+on-time one can put ``qps + 1`` calls into one of the upstream's one-second
+windows, and the upstream throttles exactly that. ``SendWindow`` therefore
+checks the calls as actually sent: never more than the rate allows in any
+sliding window, a window kept ``JITTER_GUARD`` longer than a second for the
+variation in transit time between here and the upstream.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
+from collections import deque
 
 from imageshare_server.observability import metrics
 
@@ -42,6 +52,27 @@ class TokenBucket:
         return wait
 
 
+JITTER_GUARD = 0.025
+
+
+class SendWindow:
+    """At most ``floor(rate)`` sends (at least one) in any sliding window of that many slots."""
+
+    def __init__(self, rate: float, guard: float = JITTER_GUARD) -> None:
+        limit = max(1, math.floor(rate))
+        self.window = limit / rate + guard
+        self._sent: deque[float] = deque(maxlen=limit)
+
+    def wait(self, now: float) -> float:
+        """How long a send at ``now`` must wait to keep the window."""
+        if len(self._sent) < (self._sent.maxlen or 0):
+            return 0.0
+        return max(0.0, self._sent[0] + self.window - now)
+
+    def record(self, now: float) -> None:
+        self._sent.append(now)
+
+
 class UpstreamRateLimiter:
     """One bucket per region; ``rate`` 0 disables the limit."""
 
@@ -49,6 +80,7 @@ class UpstreamRateLimiter:
         self._rate = rate
         self._burst = burst
         self._buckets: dict[str, TokenBucket] = {}
+        self._windows: dict[str, SendWindow] = {}
 
     async def acquire(self, region_id: str, deadline: float | None) -> None:
         if self._rate <= 0:
@@ -56,7 +88,16 @@ class UpstreamRateLimiter:
         bucket = self._buckets.get(region_id)
         if bucket is None:
             bucket = self._buckets[region_id] = TokenBucket(self._rate, self._burst)
-        wait = bucket.reserve(time.monotonic(), deadline)
-        metrics.UPSTREAM_RATE_LIMIT_WAIT.observe(wait)
+            self._windows[region_id] = SendWindow(self._rate)
+        started = time.monotonic()
+        wait = bucket.reserve(started, deadline)
         if wait > 0:
             await asyncio.sleep(wait)
+        # Claim the send time before sleeping, so the next caller waits behind this one.
+        window = self._windows[region_id]
+        now = time.monotonic()
+        late = window.wait(now)
+        window.record(now + late)
+        if late > 0:
+            await asyncio.sleep(late)
+        metrics.UPSTREAM_RATE_LIMIT_WAIT.observe(now + late - started)

@@ -100,6 +100,8 @@ class _Call:
     __slots__ = (
         "_finished",
         "_interceptor",
+        "_received",
+        "_sent",
         "_start",
         "fields",
         "grpc_type",
@@ -118,14 +120,17 @@ class _Call:
         self._finished = False
         self._start = time.perf_counter()
         interceptor.started.labels(*labels).inc()
+        # The children once per call, not a labelled lookup per streamed message.
+        self._received = interceptor.msg_received.labels(*labels)
+        self._sent = interceptor.msg_sent.labels(*labels)
 
     def message_received(self) -> None:
         self.received += 1
-        self._interceptor.msg_received.labels(*self.labels).inc()
+        self._received.inc()
 
     def message_sent(self) -> None:
         self.sent += 1
-        self._interceptor.msg_sent.labels(*self.labels).inc()
+        self._sent.inc()
 
     def finish(self, context: grpc.aio.ServicerContext, exc: BaseException | None) -> None:
         if self._finished:

@@ -30,10 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from alibabacloud_ecs20140526 import models as ecs_models
 from alibabacloud_ecs20140526.client import Client as EcsSdkClient
 from alibabacloud_tea_openapi import models as openapi_models
-from floor_server import write_messages
+from floor_server import METHOD, write_messages
 
 from imageshare.v1 import image_share_pb2, image_share_pb2_grpc
 from imageshare_server.emulator import EmulatorAdmin
+from imageshare_server.service import SERVICE_NAME
 from tests.support.processes import DEMO_ENV, EmulatorProcess, Process, ServerProcess, base_env
 
 HERE = Path(__file__).resolve().parent
@@ -101,7 +102,7 @@ def pin_process(pid: int, cpus: set[int]) -> None:
 def capture(channel: grpc.Channel, image_id: str, page_size: int) -> list[bytes]:
     """The serialized messages the server sends for a listing, exactly as sent."""
     raw = channel.unary_stream(
-        "/imageshare.v1.ImageShareService/ListImageShares",
+        f"/{SERVICE_NAME}/{METHOD}",
         request_serializer=image_share_pb2.ListImageSharesRequest.SerializeToString,
     )
     request = image_share_pb2.ListImageSharesRequest(

@@ -23,8 +23,9 @@ from typing import Any
 
 import grpc
 
+from imageshare_server.service import SERVICE_NAME
+
 METHOD = "ListImageShares"
-SERVICE = "imageshare.v1.ImageShareService"
 
 
 def read_messages(path: Path) -> list[bytes]:
@@ -48,7 +49,7 @@ async def serve(messages: list[bytes]) -> None:
             yield message
 
     handler = grpc.method_handlers_generic_handler(
-        SERVICE, {METHOD: grpc.unary_stream_rpc_method_handler(list_image_shares)}
+        SERVICE_NAME, {METHOD: grpc.unary_stream_rpc_method_handler(list_image_shares)}
     )
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((handler,))

@@ -60,9 +60,9 @@ def main() -> None:
     )
     stubs = {}
     channels = []  # a Channel closes when collected, and stubs do not keep it alive
+    options = () if args.spin_thread else SYNC_STREAM_OPTIONS
     for spec in args.target:
         name, _, address = spec.partition("=")
-        options = () if args.spin_thread else SYNC_STREAM_OPTIONS
         channel = grpc.insecure_channel(address, options=options)
         grpc.channel_ready_future(channel).result(timeout=10)
         channels.append(channel)

@@ -59,13 +59,13 @@ class SendWindow:
     """At most ``floor(rate)`` sends (at least one) in any sliding window of that many slots."""
 
     def __init__(self, rate: float, guard: float = JITTER_GUARD) -> None:
-        limit = max(1, math.floor(rate))
-        self.window = limit / rate + guard
-        self._sent: deque[float] = deque(maxlen=limit)
+        self._limit = max(1, math.floor(rate))
+        self.window = self._limit / rate + guard
+        self._sent: deque[float] = deque(maxlen=self._limit)
 
     def wait(self, now: float) -> float:
         """How long a send at ``now`` must wait to keep the window."""
-        if len(self._sent) < (self._sent.maxlen or 0):
+        if len(self._sent) < self._limit:
             return 0.0
         return max(0.0, self._sent[0] + self.window - now)
 
@@ -79,22 +79,21 @@ class UpstreamRateLimiter:
     def __init__(self, rate: float, burst: int) -> None:
         self._rate = rate
         self._burst = burst
-        self._buckets: dict[str, TokenBucket] = {}
-        self._windows: dict[str, SendWindow] = {}
+        self._regions: dict[str, tuple[TokenBucket, SendWindow]] = {}
 
     async def acquire(self, region_id: str, deadline: float | None) -> None:
         if self._rate <= 0:
             return
-        bucket = self._buckets.get(region_id)
-        if bucket is None:
-            bucket = self._buckets[region_id] = TokenBucket(self._rate, self._burst)
-            self._windows[region_id] = SendWindow(self._rate)
+        region = self._regions.get(region_id)
+        if region is None:
+            region = TokenBucket(self._rate, self._burst), SendWindow(self._rate)
+            self._regions[region_id] = region
+        bucket, window = region
         started = time.monotonic()
         wait = bucket.reserve(started, deadline)
         if wait > 0:
             await asyncio.sleep(wait)
         # Claim the send time before sleeping, so the next caller waits behind this one.
-        window = self._windows[region_id]
         now = time.monotonic()
         late = window.wait(now)
         window.record(now + late)

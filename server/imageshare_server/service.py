@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import TypeAlias
 
 import grpc
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "imageshare.v1.ImageShareService"
 Request = image_share_pb2.ListImageSharesRequest
 Response = image_share_pb2.ListImageSharesResponse
-Context: TypeAlias = grpc.aio.ServicerContext[Request, Response | bytes]
+Context: TypeAlias = grpc.aio.ServicerContext[Request, Response]
 
 _CACHE_STATUS_NAMES = {
     value: name.removeprefix("CACHE_STATUS_").lower()
@@ -44,19 +45,19 @@ class ImageShareService:
         self._max_concurrent = max_concurrent
         self._active = 0
 
-    async def ListImageShares(self, request: Request, context: Context) -> None:
-        # Messages go out with context.write rather than through async generators: each
-        # generator level is one more suspension per message, and a 2,000-account listing
-        # is 40 messages (bench/README.md, scenario (c)).
+    async def ListImageShares(
+        self, request: Request, context: Context
+    ) -> AsyncIterator[Response | bytes]:
         if self._active >= self._max_concurrent:
             await context.abort_with_status(errors.overloaded(self._max_concurrent))
         self._active += 1
         try:
-            await self._list(request, context)
+            async for message in self._list(request, context):
+                yield message
         finally:
             self._active -= 1
 
-    async def _list(self, request: Request, context: Context) -> None:
+    async def _list(self, request: Request, context: Context) -> AsyncIterator[Response | bytes]:
         fields = rpc_log_fields()
         try:
             query = validate(request)
@@ -77,13 +78,13 @@ class ImageShareService:
                     suffix = hit_suffix(chunk.cache_status, chunk.entry.stored)
                     prebuilt = cached_messages(chunk.entry, query)
                     for data in prebuilt:
-                        await context.write(data + suffix)
+                        yield data + suffix
                     fields["messages"] = len(prebuilt)
                     return
                 for message in builder.feed(chunk):
-                    await context.write(message)
+                    yield message
             for message in builder.finish():
-                await context.write(message)
+                yield message
             fields["messages"] = builder.messages_sent
         except asyncio.CancelledError:
             raise

@@ -20,9 +20,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from imageshare.v1 import image_share_pb2, image_share_pb2_grpc
+from imageshare_server.ecs.client import DeadlineExceededError, EcsClient
+from imageshare_server.ecs.credentials import Credentials, StaticCredentialsProvider
+from imageshare_server.ecs.endpoints import EndpointResolver
 from imageshare_server.emulator import EmulatorAdmin
 from imageshare_server.emulator.data import demo_accounts
-from tests.support.processes import ServerProcess
+from tests.support.processes import DEMO_ENV, EmulatorProcess, ServerProcess
 from tests.support.rpc import details, list_error
 
 StartServer = Callable[..., ServerProcess]
@@ -188,6 +191,26 @@ async def test_slow_body_within_the_deadline_is_read_whole(
     code, ids, _ = await call(server.target)
     assert (code, ids) == (OK, DEMO_IDS)
     await assert_healthy(server, emulator)
+
+
+async def test_upstream_timeout_cut_short_by_the_deadline_is_the_deadline(
+    emulator: EmulatorAdmin, emulator_process: EmulatorProcess
+) -> None:
+    """Not an upstream timeout: no retry, and never UNAVAILABLE racing the caller's deadline."""
+    emulator.set(latency_ms=2000)
+    credentials = Credentials(
+        DEMO_ENV["ALIBABA_CLOUD_ACCESS_KEY_ID"], DEMO_ENV["ALIBABA_CLOUD_ACCESS_KEY_SECRET"]
+    )
+    async with httpx.AsyncClient() as http:
+        client = EcsClient(
+            http,
+            StaticCredentialsProvider(credentials),
+            EndpointResolver(emulator_process.url, vpc=False),
+        )
+        with pytest.raises(DeadlineExceededError, match="during the upstream call"):
+            await client.describe_image_share_permission(
+                REGION, BIG, page_number=1, page_size=10, deadline=time.monotonic() + 0.3
+            )
 
 
 async def test_slow_body_beyond_the_deadline_is_deadline_exceeded(

@@ -123,10 +123,13 @@ class EcsClient:
         if self._limiter is not None:
             await self._limiter.acquire(region_id, deadline)
         timeout = self._read_timeout
+        cut_by_deadline = False
         if deadline is not None:
-            timeout = min(timeout, deadline - time.monotonic())
-            if timeout <= 0.001:
+            left = deadline - time.monotonic()
+            if left <= 0.001:
                 raise DeadlineExceededError("caller deadline reached before the upstream call")
+            cut_by_deadline = left < timeout
+            timeout = min(timeout, left)
         endpoint = self._endpoints.resolve(region_id)
         credentials = await self._credentials.get()
         if self._signature_version == "v3":
@@ -170,6 +173,12 @@ class EcsClient:
             raise
         except httpx.TimeoutException as exc:
             outcome = "timeout"
+            if cut_by_deadline:
+                # The caller's deadline ran out, not the upstream's patience: no retry can
+                # help, and the caller must hear DEADLINE_EXCEEDED, not UNAVAILABLE.
+                raise DeadlineExceededError(
+                    "caller deadline reached during the upstream call"
+                ) from None
             raise UpstreamTransportError("timeout", type(exc).__name__) from None
         except httpx.TransportError as exc:
             outcome = "connection_error"

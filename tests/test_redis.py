@@ -302,6 +302,31 @@ def test_shared_list_round_trips_through_its_stored_form():
     assert (error.code, error.http_status) == ("InvalidImageId.NotFound", 404)
 
 
+async def test_a_cancel_that_meets_a_finishing_redis_call_is_not_lost(redis_server):
+    """asyncio.wait_for on 3.11 returns the result and drops the cancel: a lease renewer
+    cancelled that way renewed forever, and its read hung until the caller's deadline."""
+    link = RedisLink.from_url(redis_server.url)
+    loop = asyncio.get_running_loop()
+    reply: asyncio.Future[int] = loop.create_future()
+    after_call: list[str] = []
+
+    async def renewer() -> None:
+        await link.call("lease_renew", lambda r: reply)
+        after_call.append("ran on")
+        await asyncio.sleep(0)
+
+    try:
+        task = loop.create_task(renewer())
+        await asyncio.sleep(0.01)
+        reply.set_result(1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert after_call == []
+    finally:
+        await link.aclose()
+
+
 async def test_a_lease_is_released_only_by_its_holder(redis_server):
     link = RedisLink.from_url(redis_server.url)
     try:

@@ -100,7 +100,10 @@ class RedisLink:
         if not force and not self.available():
             raise RedisUnavailable(op)
         try:
-            result = await asyncio.wait_for(action(self.client), self.timeout)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns the result of an
+            # operation that finished as the caller was cancelled, and the cancel is lost.
+            async with asyncio.timeout(self.timeout):
+                result = await action(self.client)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -156,7 +159,8 @@ class RedisLink:
             self._probe.cancel()
             await asyncio.gather(self._probe, return_exceptions=True)
         try:
-            await asyncio.wait_for(self.client.aclose(), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                await self.client.aclose()
         except Exception as exc:  # closing a dead connection must not fail shutdown
             log.debug("closing redis: %s", type(exc).__name__)
 

@@ -22,7 +22,13 @@ from imageshare_server.errors import ListingUnstableError, aip193_reason
 from imageshare_server.flight import Flight, FlightOptions, ShareList
 from imageshare_server.listing import SnapshotChecker
 from imageshare_server.messages import MessageBuilder, cached_messages, hit_suffix
-from imageshare_server.ratelimit import JITTER_GUARD, RateLimitedError, SendWindow, TokenBucket
+from imageshare_server.ratelimit import (
+    JITTER_GUARD,
+    RateLimitedError,
+    SendWindow,
+    TokenBucket,
+    UpstreamRateLimiter,
+)
 from imageshare_server.source import ShareChunk
 from imageshare_server.validation import ShareKey, ShareQuery
 
@@ -151,6 +157,17 @@ def test_send_window_holds_back_what_a_late_sleeper_would_push_over_the_rate():
     # Slot 20 is due at 1.00 s: on time it would be the 21st call within one second.
     assert window.wait(1.0) == pytest.approx(0.04 + 1.0 + JITTER_GUARD - 1.0)
     assert window.wait(1.0 + 0.04 + JITTER_GUARD) == 0.0
+
+
+async def test_send_window_wait_past_the_deadline_is_refused_not_slept():
+    limiter = UpstreamRateLimiter(rate=2, burst=2)
+    start = time.monotonic()
+    await limiter.acquire("cn-hangzhou", None)
+    await limiter.acquire("cn-hangzhou", None)
+    # The bucket's slot comes at +0.5 s, but the window holds the send until +1.025 s.
+    with pytest.raises(RateLimitedError):
+        await limiter.acquire("cn-hangzhou", start + 1.01)
+    assert time.monotonic() - start < 1.01
 
 
 def test_send_window_below_one_call_per_second():

@@ -96,6 +96,8 @@ class UpstreamRateLimiter:
         # Claim the send time before sleeping, so the next caller waits behind this one.
         now = time.monotonic()
         late = window.wait(now)
+        if deadline is not None and now + late > deadline:
+            raise RateLimitedError(late)
         window.record(now + late)
         if late > 0:
             await asyncio.sleep(late)

@@ -31,7 +31,7 @@ from imageshare_server.ecs.model import Account
 from imageshare_server.emulator import EmulatorAdmin
 from imageshare_server.flight import ShareList
 from imageshare_server.ratelimit import RateLimitedError, UpstreamRateLimiter
-from imageshare_server.replicas.lease import LeaseManager
+from imageshare_server.replicas.lease import Lease, LeaseManager
 from imageshare_server.replicas.link import RedisLink
 from imageshare_server.replicas.ratelimit import RedisRateLimiter
 from imageshare_server.replicas.store import decode, encode, encode_negative
@@ -323,6 +323,30 @@ async def test_a_cancel_that_meets_a_finishing_redis_call_is_not_lost(redis_serv
         with pytest.raises(asyncio.CancelledError):
             await task
         assert after_call == []
+    finally:
+        await link.aclose()
+
+
+async def test_a_lease_renewer_that_misses_its_cancel_still_stops(redis_server):
+    """A renew that swallows the cancel (as wait_for inside redis-py can on 3.11) must not
+    keep the lease, and the read holding it, alive until the caller's deadline."""
+
+    class SwallowingLeases(LeaseManager):
+        async def renew(self, lease: Lease) -> bool:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0.05)
+            return True
+
+    link = RedisLink.from_url(redis_server.url)
+    try:
+        leases = SwallowingLeases(link, prefix="t:", ttl=30)
+        key = ShareKey(REGION, "m-lease02")
+        lease = await leases.try_acquire(key)
+        assert lease is not None
+        async with asyncio.timeout(5):
+            async with leases.held(lease):
+                await asyncio.sleep(0)
+        assert await leases.try_acquire(key) is not None  # released, not renewed on
     finally:
         await link.aclose()
 

@@ -92,12 +92,19 @@ class LeaseManager:
 
     @contextlib.asynccontextmanager
     async def held(self, lease: Lease) -> AsyncIterator[Lease]:
-        """Renew ``lease`` every third of its TTL while the body runs, then release it."""
+        """Renew ``lease`` every third of its TTL while the body runs, then release it.
+
+        The renewer also stops on a flag, not only on being cancelled: on Python 3.11
+        ``asyncio.wait_for`` (which redis-py uses to send commands) drops a cancel that
+        lands as the command completes, and a renewer that missed its cancel renewed
+        forever while this block waited for it.
+        """
+        body_done = False
 
         async def keep() -> None:
-            while True:
-                if not await self.renew(lease):
-                    break
+            while await self.renew(lease):
+                if body_done:
+                    return
                 await asyncio.sleep(self.ttl / 3)
             log.warning("lost the read lease on %s; finishing the read anyway", lease.name)
 
@@ -105,6 +112,7 @@ class LeaseManager:
         try:
             yield lease
         finally:
+            body_done = True
             renewer.cancel()
             await asyncio.gather(renewer, return_exceptions=True)
             await self.release(lease)

@@ -13,7 +13,7 @@ import ipaddress
 import itertools
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -50,6 +50,14 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path, password="redis-test-password-1")
     yield server
     server.stop()
+
+
+@pytest.fixture
+async def link(redis_server: RedisServer) -> AsyncIterator[RedisLink]:
+    """A link to this test's own Redis, closed afterwards."""
+    redis_link = RedisLink.from_url(redis_server.url)
+    yield redis_link
+    await redis_link.aclose()
 
 
 @pytest.fixture
@@ -302,10 +310,9 @@ def test_shared_list_round_trips_through_its_stored_form():
     assert (error.code, error.http_status) == ("InvalidImageId.NotFound", 404)
 
 
-async def test_a_cancel_that_meets_a_finishing_redis_call_is_not_lost(redis_server):
+async def test_a_cancel_that_meets_a_finishing_redis_call_is_not_lost(link):
     """asyncio.wait_for on 3.11 returns the result and drops the cancel: a lease renewer
     cancelled that way renewed forever, and its read hung until the caller's deadline."""
-    link = RedisLink.from_url(redis_server.url)
     loop = asyncio.get_running_loop()
     reply: asyncio.Future[int] = loop.create_future()
     after_call: list[str] = []
@@ -315,19 +322,16 @@ async def test_a_cancel_that_meets_a_finishing_redis_call_is_not_lost(redis_serv
         after_call.append("ran on")
         await asyncio.sleep(0)
 
-    try:
-        task = loop.create_task(renewer())
-        await asyncio.sleep(0.01)
-        reply.set_result(1)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert after_call == []
-    finally:
-        await link.aclose()
+    task = loop.create_task(renewer())
+    await asyncio.sleep(0.01)
+    reply.set_result(1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert after_call == []
 
 
-async def test_a_lease_renewer_that_misses_its_cancel_still_stops(redis_server):
+async def test_a_lease_renewer_that_misses_its_cancel_still_stops(link):
     """A renew that swallows the cancel (as wait_for inside redis-py can on 3.11) must not
     keep the lease, and the read holding it, alive until the caller's deadline."""
 
@@ -337,57 +341,45 @@ async def test_a_lease_renewer_that_misses_its_cancel_still_stops(redis_server):
                 await asyncio.sleep(0.05)
             return True
 
-    link = RedisLink.from_url(redis_server.url)
-    try:
-        leases = SwallowingLeases(link, prefix="t:", ttl=30)
-        key = ShareKey(REGION, "m-lease02")
-        lease = await leases.try_acquire(key)
-        assert lease is not None
-        async with asyncio.timeout(5):
-            async with leases.held(lease):
-                await asyncio.sleep(0)
-        assert await leases.try_acquire(key) is not None  # released, not renewed on
-    finally:
-        await link.aclose()
+    leases = SwallowingLeases(link, prefix="t:", ttl=30)
+    key = ShareKey(REGION, "m-lease02")
+    lease = await leases.try_acquire(key)
+    assert lease is not None
+    async with asyncio.timeout(5):
+        async with leases.held(lease):
+            await asyncio.sleep(0)
+    assert await leases.try_acquire(key) is not None  # released, not renewed on
 
 
-async def test_a_lease_is_released_only_by_its_holder(redis_server):
-    link = RedisLink.from_url(redis_server.url)
-    try:
-        leases = LeaseManager(link, prefix="t:", ttl=30)
-        key = ShareKey(REGION, "m-lease01")
-        mine = await leases.try_acquire(key)
-        assert mine is not None
-        assert await leases.try_acquire(key) is None
-        # Expired (as Redis would expire it) and taken by someone else: the late holder
-        # must neither delete nor renew the new lease.
-        await link.client.delete(mine.name)
-        theirs = await leases.try_acquire(key)
-        assert theirs is not None
-        await leases.release(mine)
-        assert await leases.renew(mine) is False and mine.lost
-        assert await leases.try_acquire(key) is None
-        await leases.release(theirs)
-        assert await leases.try_acquire(key) is not None
-    finally:
-        await link.aclose()
+async def test_a_lease_is_released_only_by_its_holder(link):
+    leases = LeaseManager(link, prefix="t:", ttl=30)
+    key = ShareKey(REGION, "m-lease01")
+    mine = await leases.try_acquire(key)
+    assert mine is not None
+    assert await leases.try_acquire(key) is None
+    # Expired (as Redis would expire it) and taken by someone else: the late holder
+    # must neither delete nor renew the new lease.
+    await link.client.delete(mine.name)
+    theirs = await leases.try_acquire(key)
+    assert theirs is not None
+    await leases.release(mine)
+    assert await leases.renew(mine) is False and mine.lost
+    assert await leases.try_acquire(key) is None
+    await leases.release(theirs)
+    assert await leases.try_acquire(key) is not None
 
 
-async def test_redis_gcra_spaces_calls_and_refuses_past_the_deadline(redis_server):
-    link = RedisLink.from_url(redis_server.url)
-    try:
-        limiter = RedisRateLimiter(
-            link, 10, 2, account=_account, prefix="t:", fallback=UpstreamRateLimiter(10, 2)
-        )
-        started = time.monotonic()
-        for _ in range(4):  # two at once (the burst), then one every 100 ms
-            await limiter.acquire(REGION, None)
-        assert 0.17 < time.monotonic() - started < 0.5
-        with pytest.raises(RateLimitedError) as refused:
-            await limiter.acquire(REGION, time.monotonic() + 0.01)
-        assert 0.05 < refused.value.wait <= 0.2
-    finally:
-        await link.aclose()
+async def test_redis_gcra_spaces_calls_and_refuses_past_the_deadline(link):
+    limiter = RedisRateLimiter(
+        link, 10, 2, account=_account, prefix="t:", fallback=UpstreamRateLimiter(10, 2)
+    )
+    started = time.monotonic()
+    for _ in range(4):  # two at once (the burst), then one every 100 ms
+        await limiter.acquire(REGION, None)
+    assert 0.17 < time.monotonic() - started < 0.5
+    with pytest.raises(RateLimitedError) as refused:
+        await limiter.acquire(REGION, time.monotonic() + 0.01)
+    assert 0.05 < refused.value.wait <= 0.2
 
 
 async def _account() -> str:

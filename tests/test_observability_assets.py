@@ -29,13 +29,11 @@ from prometheus_client.metrics import MetricWrapperBase
 from imageshare_server.observability import metrics
 from imageshare_server.observability.grpc_metrics import GrpcMetricsInterceptor
 from imageshare_server.observability.logging import (
-    REDACTED,
     JsonFormatter,
     RedactingFilter,
     configure_logging,
-    redact,
-    register_secret,
 )
+from imageshare_server.redaction import REDACTED, redact, register_secret
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "imageshare"

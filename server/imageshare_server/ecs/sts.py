@@ -17,6 +17,7 @@ import httpx
 from imageshare_server.ecs.credentials import Credentials, CredentialsUnavailable
 from imageshare_server.ecs.refreshing import ExpiringCredentials
 from imageshare_server.ecs.signing import sign_v1, utc_timestamp
+from imageshare_server.redaction import redact
 
 STS_VERSION = "2015-04-01"
 DEFAULT_DURATION_SECONDS = 3600
@@ -73,13 +74,6 @@ def expiring_credentials(fields: Mapping[str, object], source: str) -> ExpiringC
     )
 
 
-def _redact(text: str, hidden: list[str]) -> str:
-    for value in hidden:
-        if value:
-            text = text.replace(value, "***")
-    return text
-
-
 def _credentials_from(
     response: httpx.Response, action: str, hidden: list[str]
 ) -> ExpiringCredentials:
@@ -92,7 +86,7 @@ def _credentials_from(
         raise CredentialsUnavailable(f"{source}: HTTP {response.status_code}, body is not JSON")
     if response.status_code != 200:
         code = body.get("Code", "?")
-        message = _redact(str(body.get("Message", "")), hidden)
+        message = redact(str(body.get("Message", "")), also=hidden)
         request_id = body.get("RequestId", "?")
         raise CredentialsUnavailable(
             f"{source}: HTTP {response.status_code} {code}: {message} (RequestId {request_id})"

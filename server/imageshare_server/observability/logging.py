@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
-import re
 import sys
 import threading
 import traceback
@@ -26,91 +25,16 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, TextIO
-from urllib.parse import quote, quote_plus
+
+from imageshare_server.redaction import redact, redact_encoded
 
 __all__ = [
-    "REDACTED",
     "JsonFormatter",
     "RedactingFilter",
     "bind_rpc_log_fields",
     "configure_logging",
-    "redact",
-    "register_secret",
     "rpc_log_fields",
 ]
-
-REDACTED = "[redacted]"
-
-# Shorter values would shred ordinary text; real AccessKey secrets are 30
-# characters and STS tokens hundreds.
-_MIN_SECRET_LENGTH = 8
-# STS tokens rotate; keep the recent ones (an old token can still be in a
-# retry's error message) without letting the pattern grow for ever.
-_MAX_SECRETS = 64
-
-# ECS echoes its string-to-sign after this marker. V1's fits on one line; V3's
-# is the algorithm name, a newline and a hex digest.
-_STRING_TO_SIGN = re.compile(
-    r"(string to sign is:)[^\r\n]*(?:\r?\n[0-9a-fA-F]{64}\b)?",
-    re.IGNORECASE,
-)
-
-
-def _variants(value: str) -> set[str]:
-    """Spellings a secret takes on its way into URLs, JSON and the V1 string-to-sign."""
-    once = quote(value, safe="")
-    return {
-        value,
-        once,
-        quote(once, safe=""),  # the V1 string-to-sign percent-encodes the query again
-        quote_plus(value),
-        json.dumps(value)[1:-1],
-    }
-
-
-class _SecretSet:
-    """Registered secrets and one compiled pattern matching any spelling of them."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._values: dict[str, None] = {}  # insertion-ordered set
-        self.pattern: re.Pattern[str] | None = None
-
-    def add(self, value: str) -> None:
-        with self._lock:
-            if value in self._values:
-                return
-            self._values[value] = None
-            while len(self._values) > _MAX_SECRETS:
-                del self._values[next(iter(self._values))]
-            spellings = {v for s in self._values for v in _variants(s)}
-            alternatives = sorted(spellings, key=len, reverse=True)
-            self.pattern = re.compile("|".join(re.escape(v) for v in alternatives))
-
-
-_SECRETS = _SecretSet()
-
-
-def register_secret(value: str | None) -> None:
-    """Never write ``value`` (or its URL/JSON-encoded forms) to a log line again.
-
-    Values shorter than 8 characters are ignored: they cannot be credentials,
-    and scrubbing them would mangle unrelated text.
-    """
-    if value and len(value) >= _MIN_SECRET_LENGTH:
-        _SECRETS.add(value)
-
-
-def redact(text: str) -> str:
-    """Scrub registered secrets and echoed strings-to-sign from ``text``.
-
-    Safe to apply twice. Use it for anything leaving the process that may
-    quote upstream or exception messages (logs, gRPC status details).
-    """
-    pattern = _SECRETS.pattern
-    if pattern is not None:
-        text = pattern.sub(REDACTED, text)
-    return _STRING_TO_SIGN.sub(rf"\1 {REDACTED}", text)
 
 
 def _redact_value(value: Any) -> Any:
@@ -165,10 +89,8 @@ class JsonFormatter(logging.Formatter):
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
         line = json.dumps(_redact_value(entry), default=str, separators=(",", ":"))
-        # Second pass over the encoded line catches secrets that only appear
-        # once escaped; the string-to-sign rule is line-based and ran above.
-        pattern = _SECRETS.pattern
-        return pattern.sub(REDACTED, line) if pattern is not None else line
+        # Second pass over the encoded line catches secrets that only appear once escaped.
+        return redact_encoded(line)
 
 
 class RedactingFilter(logging.Filter):

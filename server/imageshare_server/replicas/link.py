@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from imageshare_server.observability import metrics
-from imageshare_server.observability.logging import register_secret
+from imageshare_server.redaction import register_secret
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

@@ -90,6 +90,8 @@ class EmulatorAdmin:
         code: str | None = None,
         message: str | None = None,
         interval_ms: int | None = None,
+        body: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         self._call(
             "fault",
@@ -100,6 +102,8 @@ class EmulatorAdmin:
             code=code,
             message=message,
             interval_ms=interval_ms,
+            body=body,
+            headers=dict(headers) if headers is not None else None,
         )
 
     def clear_faults(self) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 from imageshare_server.emulator import errors
 from imageshare_server.emulator.data import Account, EmulatorData, Image, image_from_dict
 
-FAULT_MODES = ("reset", "truncated", "malformed", "slow_body", "error_code")
+FAULT_MODES = ("reset", "truncated", "malformed", "slow_body", "error_code", "raw")
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,9 @@ class Fault:
     code: str = "InternalError"
     message: str = "The request processing has failed due to some unknown error."
     interval_ms: int = 200
+    # mode "raw": answer with exactly this status, body and headers (a broken or hostile ECS).
+    body: str = ""
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -123,8 +126,14 @@ class Knobs:
         code: str | None = None,
         message: str | None = None,
         interval_ms: int | None = None,
+        body: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
-        """Inflict ``mode`` on the next ``count`` calls, or on a ``rate`` share of calls."""
+        """Inflict ``mode`` on the next ``count`` calls, or on a ``rate`` share of calls.
+
+        ``raw`` answers with ``status``, ``body`` (Latin-1: one byte per character, so
+        any bytes can be sent through the JSON admin API) and ``headers`` as given.
+        """
         if mode not in FAULT_MODES:
             raise ValueError(f"unknown fault mode {mode!r}; choose from {FAULT_MODES}")
         if (count is None) == (rate is None):
@@ -141,6 +150,10 @@ class Knobs:
             overrides["message"] = message
         if interval_ms is not None:
             overrides["interval_ms"] = int(interval_ms)
+        if body is not None:
+            overrides["body"] = str(body)
+        if headers is not None:
+            overrides["headers"] = tuple((str(k), str(v)) for k, v in headers.items())
         fault = replace(fault, **overrides)
         with self._lock:
             self._faults.append(_FaultRule(fault, count, rate))

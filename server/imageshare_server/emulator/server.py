@@ -147,6 +147,9 @@ class _Handler(BaseHTTPRequestHandler):
             knobs.leave(generation, outcome, request.signature_version)
 
     def _send(self, response: EmulatorResponse, fault: Fault | None = None) -> None:
+        if fault is not None and fault.mode == "raw":
+            self._send_raw(fault, response.request_id)
+            return
         body, content_type = response.body, response.content_type
         if fault is not None and fault.mode == "malformed":
             body, content_type = MALFORMED_BODY, "text/html"
@@ -166,6 +169,19 @@ class _Handler(BaseHTTPRequestHandler):
                 time.sleep(fault.interval_ms / 1000.0)
         else:
             self.wfile.write(body)
+
+    def _send_raw(self, fault: Fault, request_id: str) -> None:
+        body = fault.body.encode("latin-1")
+        self.send_response(fault.status)
+        names = {name.lower() for name, _ in fault.headers}
+        if "content-type" not in names:
+            self.send_header("Content-Type", "application/json;charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("x-acs-request-id", request_id)
+        for name, value in fault.headers:
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
 
     def _reset(self) -> None:
         """Drop the connection with a TCP RST and no answer, like a crashed upstream."""

@@ -12,8 +12,8 @@ import grpc
 import pytest
 
 from imageshare.v1 import image_share_pb2_grpc
-from imageshare_server.emulator import EmulatorAdmin
-from tests.support.processes import EmulatorProcess, ServerProcess
+from imageshare_server.emulator import Emulator, EmulatorAdmin
+from tests.support.processes import DEMO_ENV, EmulatorProcess, ServerProcess
 
 
 @pytest.fixture(scope="session")
@@ -58,3 +58,24 @@ def start_server(emulator_process: EmulatorProcess) -> Iterator[Callable[..., Se
 def stub(server: ServerProcess) -> Iterator[image_share_pb2_grpc.ImageShareServiceStub]:
     with grpc.insecure_channel(server.target) as channel:
         yield image_share_pb2_grpc.ImageShareServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def local_emulator() -> Iterator[Emulator]:
+    """An emulator serving from a thread of the test process (for in-process apps)."""
+    emulator = Emulator(
+        credentials={
+            DEMO_ENV["ALIBABA_CLOUD_ACCESS_KEY_ID"]: DEMO_ENV["ALIBABA_CLOUD_ACCESS_KEY_SECRET"]
+        }
+    )
+    emulator.start()
+    yield emulator
+    emulator.stop()
+
+
+@pytest.fixture
+def ecs(local_emulator: Emulator) -> Iterator[Emulator]:
+    """The in-process emulator with every knob and counter reset, before and after the test."""
+    local_emulator.knobs.reset()
+    yield local_emulator
+    local_emulator.knobs.reset()

@@ -256,7 +256,7 @@ def test_upstream_rate_limit_refuses_what_cannot_be_served_before_the_deadline(
 
 
 def test_retry_budget_bounds_upstream_calls_in_a_full_outage(start_server, emulator):
-    server: ServerProcess = start_server("--cache-ttl", "0")
+    server: ServerProcess = start_server("--cache-ttl", "0", "--retry-budget-refill", "0")
     emulator.fault("error_code", rate=1.0, code="ServiceUnavailable", status=503)
     requests = 60
     with grpc.insecure_channel(server.target) as channel:

@@ -20,7 +20,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from imageshare.v1 import image_share_pb2, image_share_pb2_grpc
-from imageshare_server.ecs.client import DeadlineExceededError, EcsClient
+from imageshare_server.core.deadline import FixedDeadline
+from imageshare_server.core.errors import DeadlineExceededError
+from imageshare_server.ecs.client import EcsClient
 from imageshare_server.ecs.credentials import Credentials, StaticCredentialsProvider
 from imageshare_server.ecs.endpoints import EndpointResolver
 from imageshare_server.emulator import EmulatorAdmin
@@ -209,7 +211,11 @@ async def test_upstream_timeout_cut_short_by_the_deadline_is_the_deadline(
         )
         with pytest.raises(DeadlineExceededError, match="during the upstream call"):
             await client.describe_image_share_permission(
-                REGION, BIG, page_number=1, page_size=10, deadline=time.monotonic() + 0.3
+                REGION,
+                BIG,
+                page_number=1,
+                page_size=10,
+                deadline=FixedDeadline(time.monotonic() + 0.3),
             )
 
 

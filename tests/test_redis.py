@@ -26,16 +26,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from imageshare.v1 import image_share_pb2, image_share_pb2_grpc
-from imageshare_server.ecs.errors import UpstreamApiError
-from imageshare_server.ecs.model import Account
+from imageshare_server.core.deadline import NO_DEADLINE, FixedDeadline
+from imageshare_server.core.errors import RateLimitedError, UpstreamErrorData
+from imageshare_server.core.types import Account, ShareKey, ShareList
 from imageshare_server.emulator import EmulatorAdmin
-from imageshare_server.flight import ShareList
-from imageshare_server.ratelimit import RateLimitedError, UpstreamRateLimiter
+from imageshare_server.ratelimit import UpstreamRateLimiter
 from imageshare_server.replicas.lease import Lease, LeaseManager
 from imageshare_server.replicas.link import RedisLink
 from imageshare_server.replicas.ratelimit import RedisRateLimiter
 from imageshare_server.replicas.store import decode, encode, encode_negative
-from imageshare_server.validation import ShareKey
 from tests.support.processes import ServerProcess
 from tests.support.redis_server import RedisServer
 from tests.support.rpc import Request, Response, account_ids, list_all, list_error
@@ -304,10 +303,11 @@ def test_shared_list_round_trips_through_its_stored_form():
     assert 29 < time.monotonic() - back.read_monotonic < 31
     error = decode(
         shares.key,
-        encode_negative(UpstreamApiError("InvalidImageId.NotFound", "gone", http_status=404)),
+        encode_negative(
+            UpstreamErrorData("InvalidImageId.NotFound", "gone", 404, "R-3"), time.time()
+        ),
     )
-    assert isinstance(error, UpstreamApiError)
-    assert (error.code, error.http_status) == ("InvalidImageId.NotFound", 404)
+    assert error == UpstreamErrorData("InvalidImageId.NotFound", "gone", 404, "R-3")
 
 
 async def test_a_cancel_that_meets_a_finishing_redis_call_is_not_lost(link):
@@ -375,10 +375,10 @@ async def test_redis_gcra_spaces_calls_and_refuses_past_the_deadline(link):
     )
     started = time.monotonic()
     for _ in range(4):  # two at once (the burst), then one every 100 ms
-        await limiter.acquire(REGION, None)
+        await limiter.acquire(REGION, NO_DEADLINE)
     assert 0.17 < time.monotonic() - started < 0.5
     with pytest.raises(RateLimitedError) as refused:
-        await limiter.acquire(REGION, time.monotonic() + 0.01)
+        await limiter.acquire(REGION, FixedDeadline(time.monotonic() + 0.01))
     assert 0.05 < refused.value.wait <= 0.2
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import pytest
@@ -10,27 +9,21 @@ import pytest
 from imageshare.v1 import image_share_pb2
 from imageshare_server.cache import CachePolicy, Freshness, ShareCache
 from imageshare_server.config import parse_settings, split_host_port
-from imageshare_server.ecs.endpoints import EndpointResolver, official_host, region_label
-from imageshare_server.ecs.errors import (
+from imageshare_server.core.clock import SYSTEM_CLOCK
+from imageshare_server.core.errors import (
+    ListingUnstableError,
     UpstreamApiError,
     UpstreamTransportError,
-    redact_upstream_message,
 )
-from imageshare_server.ecs.model import Account, SharePage
+from imageshare_server.core.types import Account, ShareKey, ShareList, SharePage, ShareQuery
+from imageshare_server.ecs.endpoints import EndpointResolver, official_host, region_label
 from imageshare_server.ecs.retry import RetryBudget, RetryPolicy
-from imageshare_server.errors import ListingUnstableError, aip193_reason
-from imageshare_server.flight import Flight, FlightOptions, ShareList
+from imageshare_server.flight import Flight, FlightOptions, FlightSpec
 from imageshare_server.listing import SnapshotChecker
-from imageshare_server.messages import MessageBuilder, cached_messages, hit_suffix
-from imageshare_server.ratelimit import (
-    JITTER_GUARD,
-    RateLimitedError,
-    SendWindow,
-    TokenBucket,
-    UpstreamRateLimiter,
-)
+from imageshare_server.messages import MessageBuilder, build_cached_messages, hit_suffix
+from imageshare_server.redaction import redact
 from imageshare_server.source import ShareChunk
-from imageshare_server.validation import ShareKey, ShareQuery
+from imageshare_server.status import aip193_reason
 
 KEY = ShareKey("cn-hangzhou", "m-unit0001")
 
@@ -104,7 +97,7 @@ def test_upstream_errors_classify_retries_and_redact_string_to_sign():
     echoed = (
         "Specified signature is not matched. server string to sign is:GET&%2F&AccessKeyId%3DLTAI"
     )
-    assert "LTAI" not in redact_upstream_message(echoed)
+    assert "LTAI" not in redact(echoed)
     error = UpstreamApiError("SignatureDoesNotMatch", echoed, http_status=400)
     assert error.is_credentials and "LTAI" not in str(error)
 
@@ -123,58 +116,16 @@ def test_backoff_is_capped_jittered_and_honours_retry_after():
 def test_retry_budget_absorbs_sparse_failures_and_stops_in_an_outage():
     budget = RetryBudget(max_tokens=10, token_ratio=1.0)
     for _ in range(100):  # 30% failures, interleaved: retries always allowed
-        budget.on_failure()
-        assert budget.allow_retry()
-        budget.on_success()
-        budget.on_success()
+        budget.on_failure("r")
+        assert budget.allow_retry("r")
+        budget.on_success("r")
+        budget.on_success("r")
     outage_retries = 0
     for _ in range(100):
-        budget.on_failure()
-        if budget.allow_retry():
+        budget.on_failure("r")
+        if budget.allow_retry("r"):
             outage_retries += 1
     assert outage_retries == 4  # 10 -> 6 tokens: then half or fewer are left
-
-
-def test_token_bucket_spaces_calls_and_refuses_past_the_deadline():
-    bucket = TokenBucket(rate=10, burst=2)
-    now = 100.0
-    waits = [bucket.reserve(now) for _ in range(4)]
-    assert waits == pytest.approx([0.0, 0.0, 0.1, 0.2])
-    with pytest.raises(RateLimitedError) as refused:
-        bucket.reserve(now, deadline=now + 0.05)
-    assert refused.value.wait == pytest.approx(0.3)
-    # A refused call reserves nothing: the next slot is still 0.3 s away.
-    assert bucket.reserve(now) == pytest.approx(0.3)
-
-
-def test_send_window_holds_back_what_a_late_sleeper_would_push_over_the_rate():
-    window = SendWindow(rate=20)
-    # Slot 0 (t=0.00) left 40 ms late; slots 1..19 left on time, 50 ms apart.
-    sent = [0.04, *(0.05 * i for i in range(1, 20))]
-    for t in sent:
-        assert window.wait(t) == 0.0
-        window.record(t)
-    # Slot 20 is due at 1.00 s: on time it would be the 21st call within one second.
-    assert window.wait(1.0) == pytest.approx(0.04 + 1.0 + JITTER_GUARD - 1.0)
-    assert window.wait(1.0 + 0.04 + JITTER_GUARD) == 0.0
-
-
-async def test_send_window_wait_past_the_deadline_is_refused_not_slept():
-    limiter = UpstreamRateLimiter(rate=2, burst=2)
-    start = time.monotonic()
-    await limiter.acquire("cn-hangzhou", None)
-    await limiter.acquire("cn-hangzhou", None)
-    # The bucket's slot comes at +0.5 s, but the window holds the send until +1.025 s.
-    with pytest.raises(RateLimitedError):
-        await limiter.acquire("cn-hangzhou", start + 1.01)
-    assert time.monotonic() - start < 1.01
-
-
-def test_send_window_below_one_call_per_second():
-    window = SendWindow(rate=0.5)
-    window.record(10.0)
-    assert window.wait(11.0) == pytest.approx(1.0 + JITTER_GUARD)
-    assert window.wait(12.0 + JITTER_GUARD) == 0.0
 
 
 # --- snapshot rules ------------------------------------------------------------------
@@ -211,17 +162,11 @@ class ShiftingClient:
 
 async def test_a_list_that_never_settles_ends_aborted_after_bounded_rereads():
     client = ShiftingClient()
-    flight = Flight(
-        client,  # type: ignore[arg-type]
-        KEY,
-        FlightOptions(page_size=100, max_attempts=3),
-        asyncio.Semaphore(8),
-        deadline=None,
-    )
+    flight = Flight(client, FlightSpec(KEY), FlightOptions(page_size=100, max_attempts=3))
     landed: list[Flight] = []
     flight.start(landed.append)
     with pytest.raises(ListingUnstableError):
-        await flight.wait()
+        await flight.wait_result()
     assert landed == [flight] and not flight.pages
     assert client.calls == 6  # three reads of two pages, nothing published
 
@@ -261,7 +206,7 @@ def test_cache_evicts_least_recently_used_by_entries_and_bytes():
     small = ShareCache(CachePolicy(max_bytes=20_000))
     small.put(shares(keys[0], 100))
     small.put(shares(keys[1], 100))
-    assert len(small) == 1 and small.bytes <= 20_000
+    assert len(small) == 1 and small.total_bytes <= 20_000
     assert ShareCache(CachePolicy(ttl=0)).put(shares(keys[0], 1)) is None  # disabled
 
 
@@ -289,9 +234,9 @@ def test_cached_hit_bytes_plus_suffix_parse_as_a_whole_message():
     cache = ShareCache(CachePolicy())
     entry = cache.put(shares(KEY, 7))
     assert entry is not None
-    prebuilt = cached_messages(entry, query(5))
-    assert cached_messages(entry, query(5)) is prebuilt  # built once per page size
-    suffix = hit_suffix(image_share_pb2.CACHE_STATUS_HIT, entry.stored)
+    prebuilt = cache.messages(entry, 5, build_cached_messages(entry, query(5)))
+    assert cache.messages(entry, 5, build_cached_messages(entry, query(5))) is prebuilt
+    suffix = hit_suffix(image_share_pb2.CACHE_STATUS_HIT, entry.stored, SYSTEM_CLOCK)
     messages = [image_share_pb2.ListImageSharesResponse.FromString(b + suffix) for b in prebuilt]
     assert [len(m.accounts) for m in messages] == [5, 2]
     assert {m.cache_status for m in messages} == {image_share_pb2.CACHE_STATUS_HIT}

@@ -9,21 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import signal
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, replace
 
 import grpc
 import httpx
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 
-from imageshare.v1 import image_share_pb2
 from imageshare_server import __version__
 from imageshare_server.cache import CachePolicy, ShareCache
 from imageshare_server.config import (
@@ -33,6 +30,7 @@ from imageshare_server.config import (
     settings_from,
     split_host_port,
 )
+from imageshare_server.core.clock import SYSTEM_CLOCK, Clock
 from imageshare_server.ecs.client import EcsClient, SignatureVersion
 from imageshare_server.ecs.credentials import (
     DEMO_ACCESS_KEY_ID,
@@ -49,18 +47,17 @@ from imageshare_server.flight import FlightOptions
 from imageshare_server.healthcheck import DrainingHealthServicer
 from imageshare_server.observability import metrics
 from imageshare_server.observability.grpc_metrics import GrpcMetricsInterceptor
-from imageshare_server.observability.logging import configure_logging, register_secret
+from imageshare_server.observability.logging import configure_logging
 from imageshare_server.ratelimit import UpstreamRateLimiter
+from imageshare_server.redaction import register_secret
 from imageshare_server.replicas import setup as replicas
 from imageshare_server.replicas.link import RedisLink
-from imageshare_server.service import ImageShareService, add_to_server
+from imageshare_server.service import LIST_METHOD, SERVICE_NAME, ImageShareService, add_to_server
 from imageshare_server.source import SharedShareSource
 from imageshare_server.tls import TlsConfigError, server_credentials
 
 log = logging.getLogger("imageshare.server")
 
-SERVICE_NAME = image_share_pb2.DESCRIPTOR.services_by_name["ImageShareService"].full_name
-LIST_METHOD = f"/{SERVICE_NAME}/ListImageShares"
 # Requests are a few hundred bytes; anything near this limit is abuse.
 MAX_RECEIVE_MESSAGE_BYTES = 64 * 1024
 MAX_SEND_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -81,23 +78,27 @@ def grpc_address(listen: str) -> str:
 
 @dataclass
 class Runtime:
-    """Everything the running server owns, so shutdown can release it in order."""
+    """Everything the running server owns; ``stack`` releases it in reverse order."""
 
     settings: Settings
     server: grpc.aio.Server
     health: health.aio.HealthServicer
-    http: httpx.AsyncClient
+    service: ImageShareService
+    source: SharedShareSource
+    limiter: UpstreamRateLimiter
+    stack: contextlib.AsyncExitStack
     grpc_port: int
     metrics_port: int | None = None
-    closers: list[Any] = field(default_factory=list)
+    health_port: int | None = None
+    emulator_url: str | None = None
 
 
-async def _credentials(settings: Settings, closers: list[Any]) -> CredentialsProvider:
+async def _credentials(settings: Settings, stack: contextlib.AsyncExitStack) -> CredentialsProvider:
     """The official default chain; resolved once at start so a misconfiguration fails fast."""
     if settings.emulator:
         return StaticCredentialsProvider(Credentials(DEMO_ACCESS_KEY_ID, DEMO_ACCESS_KEY_SECRET))
     provider = default_credentials_provider(on_secret=register_secret)
-    closers.append(provider.aclose)
+    stack.push_async_callback(provider.aclose)
     try:
         await provider.get()
     except CredentialsUnavailable as exc:
@@ -127,7 +128,7 @@ def _bind(server: grpc.aio.Server, settings: Settings) -> int:
     return port
 
 
-def _start_emulator(settings: Settings, closers: list[Any]) -> Settings:
+def _start_emulator(settings: Settings, stack: contextlib.AsyncExitStack) -> Settings:
     if not settings.emulator:
         return settings
     if settings.upstream_endpoint:
@@ -139,9 +140,36 @@ def _start_emulator(settings: Settings, closers: list[Any]) -> Settings:
         host="127.0.0.1", port=0, credentials={DEMO_ACCESS_KEY_ID: DEMO_ACCESS_KEY_SECRET}
     )
     emulator.start()
-    closers.append(emulator.stop)
+    stack.callback(emulator.stop)
     log.info("embedded ECS emulator started", extra={"event": "emulator", "url": emulator.url})
     return replace(settings, upstream_endpoint=emulator.url)
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """Channel arguments of the gRPC server: message sizes, keepalive, per-connection limits."""
+    options = [
+        ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_SEND_MESSAGE_BYTES),
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        # One connection cannot take every call slot: streams beyond this are refused
+        # (RST_STREAM) before they reach the service.
+        ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+        # Count streams as HTTP/2 does. grpc's default also counts streams it has
+        # not freed yet, and then refuses calls of clients that keep to the limit
+        # (a burst of 200 on one channel lost a third with REFUSED_STREAM).
+        ("grpc.http.overload_protection", 0),
+    ]
+    if settings.max_connection_age > 0:
+        # GOAWAY after the age (grpc adds +-10% jitter), so long-lived callers
+        # reconnect and new replicas get their share; in-flight calls get the grace.
+        options += [
+            ("grpc.max_connection_age_ms", int(settings.max_connection_age * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace * 1000)),
+        ]
+    return options
 
 
 def build_source(
@@ -150,6 +178,9 @@ def build_source(
     credentials: CredentialsProvider,
     endpoints: EndpointResolver,
     redis: RedisLink | None = None,
+    *,
+    local_limiter: UpstreamRateLimiter | None = None,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> SharedShareSource:
     """The upstream client with its protections, behind the cache and single-flight.
 
@@ -157,7 +188,10 @@ def build_source(
     shared by every replica, each falling back to the in-process one.
     """
     signature: SignatureVersion = "v1" if settings.signature_version == "v1" else "v3"
-    local_limiter = UpstreamRateLimiter(settings.upstream_qps, settings.upstream_burst)
+    if local_limiter is None:
+        local_limiter = UpstreamRateLimiter(
+            settings.upstream_qps, settings.upstream_burst, buckets=endpoints.bucket, clock=clock
+        )
     client = EcsClient(
         http,
         credentials,
@@ -165,10 +199,20 @@ def build_source(
         signature_version=signature,
         read_timeout=settings.read_timeout,
         retry=RetryPolicy(max_attempts=settings.upstream_max_attempts),
-        retry_gate=RetryBudget(settings.retry_budget_tokens, settings.retry_budget_ratio),
+        retry_gate=RetryBudget(
+            settings.retry_budget_tokens,
+            settings.retry_budget_ratio,
+            refill_per_second=settings.retry_budget_refill,
+            clock=clock,
+        ),
         limiter=local_limiter
         if redis is None
-        else replicas.limiter(settings, redis, credentials, local_limiter),
+        else replicas.limiter(
+            settings, redis, credentials, local_limiter, buckets=endpoints.bucket, clock=clock
+        ),
+        max_in_flight=settings.upstream_max_in_flight,
+        max_response_bytes=settings.upstream_max_response_bytes,
+        clock=clock,
     )
     cache = ShareCache(
         CachePolicy(
@@ -178,27 +222,61 @@ def build_source(
             negative_ttl=settings.cache_negative_ttl,
             max_entries=settings.cache_max_entries,
             max_bytes=settings.cache_max_bytes,
-        )
+        ),
+        clock=clock,
     )
     options = FlightOptions(
         page_size=settings.upstream_page_size,
         max_parallel_pages=settings.upstream_parallel_pages,
+        timeout=settings.listing_timeout,
+        upstream_qps=settings.upstream_qps,
+        upstream_burst=settings.upstream_burst,
     )
     return SharedShareSource(
         client,
         cache,
         options,
-        max_parallel_pages_total=settings.upstream_max_in_flight,
-        shared=None if redis is None else replicas.tier(settings, redis, cache.policy),
+        shared=None if redis is None else replicas.tier(settings, redis, cache.policy, clock),
+        max_orphan_reads=settings.max_orphan_reads,
+        clock=clock,
     )
 
 
-async def start(settings: Settings) -> Runtime:
-    """Bind, wire and start everything; returns once health says SERVING."""
-    closers: list[Any] = []
-    settings = _start_emulator(settings, closers)
-    credentials = await _credentials(settings, closers)
-    endpoints = EndpointResolver(settings.upstream_endpoint or None, vpc=settings.upstream_vpc)
+async def start(
+    settings: Settings,
+    *,
+    registry: CollectorRegistry = REGISTRY,
+    clock: Clock = SYSTEM_CLOCK,
+    credentials: CredentialsProvider | None = None,
+) -> Runtime:
+    """Bind, wire and start everything; returns once health says SERVING.
+
+    Whatever was started is stopped again if a later step fails. Tests pass
+    their own ``registry`` (the gRPC metrics), ``clock`` and ``credentials``.
+    """
+    stack = contextlib.AsyncExitStack()
+    try:
+        return await _start(settings, stack, registry, clock, credentials)
+    except BaseException:
+        await stack.aclose()
+        raise
+
+
+async def _start(
+    settings: Settings,
+    stack: contextlib.AsyncExitStack,
+    registry: CollectorRegistry,
+    clock: Clock,
+    credentials: CredentialsProvider | None,
+) -> Runtime:
+    settings = _start_emulator(settings, stack)
+    if credentials is None:
+        credentials = await _credentials(settings, stack)
+    endpoints = EndpointResolver(
+        settings.upstream_endpoint or None,
+        vpc=settings.upstream_vpc,
+        extra_regions=settings.extra_region_set,
+    )
     http = httpx.AsyncClient(
         timeout=httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout),
         limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
@@ -207,25 +285,27 @@ async def start(settings: Settings) -> Runtime:
         trust_env=False,
         headers={"user-agent": f"imageshare/{__version__}"},
     )
-    redis = replicas.connect(settings, closers)
-    source = build_source(settings, http, credentials, endpoints, redis)
-
-    interceptor = GrpcMetricsInterceptor()
-    interceptor.initialize(LIST_METHOD, "server_stream")
-    server = grpc.aio.server(
-        interceptors=[interceptor],
-        options=[
-            ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_SEND_MESSAGE_BYTES),
-            ("grpc.so_reuseport", 0),
-            ("grpc.keepalive_time_ms", 60_000),
-            ("grpc.keepalive_timeout_ms", 20_000),
-            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-        ],
+    stack.push_async_callback(http.aclose)
+    redis = await replicas.connect(settings, stack)
+    limiter = UpstreamRateLimiter(
+        settings.upstream_qps, settings.upstream_burst, buckets=endpoints.bucket, clock=clock
     )
+    source = build_source(
+        settings, http, credentials, endpoints, redis, local_limiter=limiter, clock=clock
+    )
+
+    interceptor = GrpcMetricsInterceptor(registry)
+    interceptor.initialize(LIST_METHOD, "server_stream")
+    server = grpc.aio.server(interceptors=[interceptor], options=server_options(settings))
     # The concurrency limit lives in the service, not in grpc's
     # maximum_concurrent_rpcs, so that health checks never count against it.
-    add_to_server(ImageShareService(source, max_concurrent=settings.max_concurrent_rpcs), server)
+    service = ImageShareService(
+        source,
+        max_concurrent=settings.max_concurrent_rpcs,
+        stall_timeout=settings.stream_stall_timeout,
+        clock=clock,
+    )
+    add_to_server(service, server)
     health_servicer = DrainingHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -233,6 +313,7 @@ async def start(settings: Settings) -> Runtime:
     )
     grpc_port = _bind(server, settings)
     await server.start()
+    stack.push_async_callback(server.stop, 0)
     health_port: int | None = None
     if settings.health_listen:
         # Kubelet gRPC probes cannot speak TLS: a plaintext port with health only.
@@ -240,16 +321,27 @@ async def start(settings: Settings) -> Runtime:
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
         health_port = health_server.add_insecure_port(grpc_address(settings.health_listen))
         await health_server.start()
-        closers.append(lambda: health_server.stop(0))
+        stack.push_async_callback(health_server.stop, 0)
 
-    runtime = Runtime(settings, server, health_servicer, http, grpc_port, closers=closers)
+    runtime = Runtime(
+        settings,
+        server,
+        health_servicer,
+        service,
+        source,
+        limiter,
+        stack,
+        grpc_port,
+        health_port=health_port,
+        emulator_url=settings.upstream_endpoint if settings.emulator else None,
+    )
     if settings.metrics_listen:
         host, port = split_host_port(settings.metrics_listen)
         loop = asyncio.get_running_loop()
         metrics.ASYNCIO_TASKS.set_function(lambda: len(asyncio.all_tasks(loop)))
-        metrics_server, _ = start_http_server(port, addr=host or "0.0.0.0")
+        metrics_server, _ = start_http_server(port, addr=host or "0.0.0.0", registry=registry)
         runtime.metrics_port = metrics_server.server_port
-        closers.append(metrics_server.shutdown)
+        stack.callback(metrics_server.shutdown)
 
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -271,8 +363,9 @@ async def start(settings: Settings) -> Runtime:
     return runtime
 
 
-async def shutdown(runtime: Runtime, stop_now: asyncio.Event) -> None:
+async def shutdown(runtime: Runtime, stop_now: asyncio.Event | None = None) -> None:
     """Drain: NOT_SERVING, refuse new RPCs, give in-flight ones the grace period."""
+    stop_now = stop_now or asyncio.Event()
     await runtime.health.enter_graceful_shutdown()
     log.info("draining", extra={"event": "draining", "grace_period": runtime.settings.grace_period})
     stop = asyncio.ensure_future(runtime.server.stop(runtime.settings.grace_period))
@@ -283,11 +376,7 @@ async def shutdown(runtime: Runtime, stop_now: asyncio.Event) -> None:
         await runtime.server.stop(0)
         await stop
     forced.cancel()
-    await runtime.http.aclose()
-    for close in reversed(runtime.closers):
-        result = close()
-        if inspect.isawaitable(result):
-            await result
+    await runtime.stack.aclose()
     log.info("stopped", extra={"event": "stopped"})
 
 

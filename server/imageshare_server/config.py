@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from imageshare_server.core.rules import is_region_id
+
 ENV_PREFIX = "IMAGESHARE_"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -63,7 +65,28 @@ class Settings:
     upstream_parallel_pages: int = _opt(
         10, "Pages of one share list read at the same time after page 1."
     )
-    upstream_max_in_flight: int = _opt(64, "Upstream calls under way at once, in all.")
+    upstream_max_in_flight: int = _opt(
+        64, "Upstream HTTP requests under way at once, in all (rate-limit waits not included)."
+    )
+    upstream_max_response_bytes: int = _opt(
+        4 * 1024 * 1024,
+        "Largest upstream answer read, bytes; a larger one counts as malformed (UNAVAILABLE).",
+    )
+    listing_timeout: float = _opt(
+        30.0,
+        "Seconds one complete upstream read of a share list may take: every page, retry and "
+        "rate-limit wait.",
+    )
+    max_orphan_reads: int = _opt(
+        8,
+        "Upstream reads that may go on, to fill the cache, after every caller waiting for them "
+        "has left (background refreshes included); beyond it they are cancelled.",
+    )
+    extra_regions: str = _opt(
+        "",
+        "Comma-separated region ids to give rate-limit buckets of their own, beyond the regions "
+        "the service knows; other unknown regions share one bucket.",
+    )
     retry_budget_tokens: float = _opt(
         20.0,
         "Retry budget size: each transient upstream failure takes a token, and retries stop "
@@ -73,6 +96,9 @@ class Settings:
         1.0,
         "Tokens each successful upstream attempt puts back (gRPC retryThrottling tokenRatio); "
         "1.0 keeps retrying while under half of attempts fail.",
+    )
+    retry_budget_refill: float = _opt(
+        1.0, "Tokens the retry budget regains per second, on top of what successes put back."
     )
     connect_timeout: float = _opt(5.0, "Upstream connect timeout, seconds.")
     read_timeout: float = _opt(10.0, "Upstream read timeout per attempt, seconds.")
@@ -89,6 +115,22 @@ class Settings:
         "",
         "Extra plaintext HOST:PORT serving only grpc.health.v1, for kubelet probes when the "
         "gRPC port uses TLS; empty: none.",
+    )
+    max_connection_age: float = _opt(
+        300.0,
+        "Seconds after which a caller's connection is sent GOAWAY, so callers reconnect and "
+        "spread over new replicas; 0: unlimited.",
+    )
+    max_connection_age_grace: float = _opt(
+        30.0, "Seconds calls on a connection past its age may still take before it is closed."
+    )
+    max_streams_per_connection: int = _opt(
+        100, "Calls one connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS)."
+    )
+    stream_stall_timeout: float = _opt(
+        30.0,
+        "Seconds a stream may wait for its caller to read before it is ended with UNAVAILABLE "
+        "and its slot freed.",
     )
     grace_period: float = _opt(
         20.0, "Seconds in-flight RPCs may take to finish after SIGTERM before they are cancelled."
@@ -142,6 +184,21 @@ class Settings:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
+        if self.retry_budget_refill < 0:
+            raise ValueError("retry_budget_refill must not be negative")
+        for name in ("max_connection_age", "max_connection_age_grace"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+        for name in ("listing_timeout", "stream_stall_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.upstream_max_response_bytes < 1024:
+            raise ValueError("upstream_max_response_bytes must be at least 1024")
+        if self.max_orphan_reads < 0:
+            raise ValueError("max_orphan_reads must not be negative")
+        for region in self.extra_region_set:
+            if not is_region_id(region):
+                raise ValueError(f"extra_regions: {region!r} is not a region id")
         if self.retry_budget_ratio <= 0:
             raise ValueError("retry_budget_ratio must be positive")
         for name in (
@@ -168,6 +225,12 @@ class Settings:
         for name in ("redis_timeout", "redis_lease_ttl"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.max_streams_per_connection < 1:
+            raise ValueError("max_streams_per_connection must be at least 1")
+
+    @property
+    def extra_region_set(self) -> frozenset[str]:
+        return frozenset(r.strip() for r in self.extra_regions.split(",") if r.strip())
 
 
 def flag_name(name: str) -> str:

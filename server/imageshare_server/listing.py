@@ -8,8 +8,8 @@ the last) and refuses to pass on an inconsistent snapshot.
 
 from __future__ import annotations
 
-from imageshare_server.ecs.model import SharePage
-from imageshare_server.errors import ListingUnstableError
+from imageshare_server.core.errors import ListingUnstableError
+from imageshare_server.core.types import SharePage
 
 
 def page_count(total_count: int, page_size: int) -> int:

@@ -8,29 +8,30 @@ messages.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from imageshare.v1 import image_share_pb2
 from imageshare_server.cache import CacheEntry
-from imageshare_server.ecs.model import Account
+from imageshare_server.core.clock import Clock
+from imageshare_server.core.types import Account, ShareQuery
 from imageshare_server.source import ShareChunk
-from imageshare_server.validation import ShareQuery
 
 Response = image_share_pb2.ListImageSharesResponse
 _CACHED = (image_share_pb2.CACHE_STATUS_HIT, image_share_pb2.CACHE_STATUS_STALE)
 
 
-def cached_messages(entry: CacheEntry, query: ShareQuery) -> list[bytes]:
-    """The serialized messages of a cached list at ``query.page_size``, built once per entry.
+def build_cached_messages(entry: CacheEntry, query: ShareQuery) -> Callable[[], list[bytes]]:
+    """How to build the serialized messages of a cached list at ``query.page_size``.
 
     They lack only ``cache_status`` and ``cache_age``; ``hit_suffix`` supplies
     those per call. Appending a serialized message to another merges them
-    (protobuf's wire format), so a hit costs one small serialization.
+    (protobuf's wire format), so a hit costs one small serialization. The
+    cache keeps what this builds (``ShareCache.messages``).
     """
-    messages = entry.messages.get(query.page_size)
-    if messages is None:
+
+    def build() -> list[bytes]:
         shares = entry.shares
         assert shares is not None
         builder = MessageBuilder(query)
@@ -43,14 +44,17 @@ def cached_messages(entry: CacheEntry, query: ShareQuery) -> list[bytes]:
             read_time=shares.read_time,
         )
         built = [*builder.feed(chunk), *builder.finish()]
-        messages = [m.SerializeToString() for m in built]
-        entry.messages[query.page_size] = messages
-    return messages
+        return [m.SerializeToString() for m in built]
+
+    return build
 
 
-def hit_suffix(status: image_share_pb2.CacheStatus.ValueType, stored_monotonic: float) -> bytes:
+def hit_suffix(
+    status: image_share_pb2.CacheStatus.ValueType, stored_monotonic: float, clock: Clock
+) -> bytes:
     message = Response(cache_status=status)
-    message.cache_age.FromNanoseconds(max(0, int((time.monotonic() - stored_monotonic) * 1e9)))
+    age = max(0, int((clock.monotonic() - stored_monotonic) * 1e9))
+    message.cache_age.FromNanoseconds(age)
     return message.SerializeToString()
 
 

@@ -1,37 +1,49 @@
 """The gRPC service layer: validate, stream, map every failure to a status.
 
 Nothing reaches the upstream before the request is validated, and every
-failure leaves as a deliberate status with rich details (see ``errors``).
+failure leaves as a deliberate status with rich details (see ``status``).
 Cache hits are streamed as prebuilt bytes; the method handler is registered
-by hand (``add_to_server``) so its serializer passes those bytes through.
+by hand (``add_to_server``) so its serializer passes those bytes through,
+and its deserializer turns undecodable request bytes into INVALID_ARGUMENT
+instead of an UNKNOWN with a traceback.
+
+A caller that stops reading cannot hold its slot: every message must be
+taken by the transport within ``stall_timeout`` seconds, or the stream ends
+with UNAVAILABLE (``STREAM_STALLED``). The status is set rather than raised:
+an abort would wait for the unread messages to drain first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import AsyncIterator
+from collections.abc import Sequence
 from typing import TypeAlias
 
 import grpc
 
 from imageshare.v1 import image_share_pb2
-from imageshare_server import errors
-from imageshare_server.ecs.client import DeadlineExceededError
-from imageshare_server.ecs.errors import UpstreamError
-from imageshare_server.messages import MessageBuilder, cached_messages, hit_suffix
+from imageshare_server import status
+from imageshare_server.core.clock import SYSTEM_CLOCK, Clock
+from imageshare_server.core.errors import (
+    ImageShareError,
+    MalformedRequestError,
+    OverloadedError,
+    StreamStalledError,
+)
+from imageshare_server.messages import MessageBuilder, build_cached_messages, hit_suffix
 from imageshare_server.observability.logging import rpc_log_fields
-from imageshare_server.ratelimit import RateLimitedError
 from imageshare_server.source import ShareSource
-from imageshare_server.validation import InvalidRequestError, validate
+from imageshare_server.validation import validate
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = "imageshare.v1.ImageShareService"
+SERVICE_NAME = image_share_pb2.DESCRIPTOR.services_by_name["ImageShareService"].full_name
+LIST_METHOD = f"/{SERVICE_NAME}/ListImageShares"
 Request = image_share_pb2.ListImageSharesRequest
 Response = image_share_pb2.ListImageSharesResponse
 Context: TypeAlias = grpc.aio.ServicerContext[Request, Response]
+Metadata: TypeAlias = Sequence[tuple[str, str | bytes]]
 
 _CACHE_STATUS_NAMES = {
     value: name.removeprefix("CACHE_STATUS_").lower()
@@ -39,87 +51,139 @@ _CACHE_STATUS_NAMES = {
 }
 
 
+class MalformedRequest:
+    """What the deserializer hands the handler for bytes that are not a request."""
+
+    __slots__ = ()
+
+
+MALFORMED = MalformedRequest()
+
+
+def deserialize_request(data: bytes) -> Request | MalformedRequest:
+    try:
+        return Request.FromString(data)
+    except Exception:  # DecodeError, and whatever else the runtime raises on garbage
+        return MALFORMED
+
+
 class ImageShareService:
-    def __init__(self, source: ShareSource, *, max_concurrent: int = 1000) -> None:
+    def __init__(
+        self,
+        source: ShareSource,
+        *,
+        max_concurrent: int = 1000,
+        stall_timeout: float = 30.0,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
         self._source = source
         self._max_concurrent = max_concurrent
+        self._stall_timeout = stall_timeout
+        self._clock = clock
         self._active = 0
 
-    async def ListImageShares(
-        self, request: Request, context: Context
-    ) -> AsyncIterator[Response | bytes]:
+    @property
+    def active(self) -> int:
+        return self._active
+
+    async def ListImageShares(self, request: Request | MalformedRequest, context: Context) -> None:
+        call = _Call(context, self._stall_timeout, self._clock)
+        if isinstance(request, MalformedRequest):
+            call.fields["error"] = "malformed request"
+            call.fail(status.to_status(MalformedRequestError()))
+            return
         if self._active >= self._max_concurrent:
-            await context.abort_with_status(errors.overloaded(self._max_concurrent))
+            call.fail(status.to_status(OverloadedError(self._max_concurrent)))
+            return
         self._active += 1
         try:
-            async for message in self._list(request, context):
-                yield message
+            await self._list(request, call)
         finally:
             self._active -= 1
 
-    async def _list(self, request: Request, context: Context) -> AsyncIterator[Response | bytes]:
-        fields = rpc_log_fields()
+    async def _list(self, request: Request, call: _Call) -> None:
+        fields = call.fields
+        request_ids: list[str] = []
         try:
             query = validate(request)
-        except InvalidRequestError as exc:
-            await context.abort_with_status(errors.invalid_request(exc))
-        fields.update(region=query.key.region_id, image=query.key.image_id)
-        remaining = context.time_remaining()
-        deadline = None if remaining is None else time.monotonic() + remaining
-        builder = MessageBuilder(query)
-        request_ids: list[str] = []
-        failure: grpc.Status | None = None
-        try:
-            async for chunk in self._source.stream(query, deadline=deadline):
+            fields.update(region=query.key.region_id, image=query.key.image_id)
+            remaining = call.context.time_remaining()
+            deadline = None if remaining is None else self._clock.monotonic() + remaining
+            builder = MessageBuilder(query)
+            caller = _peer(call.context)
+            async for chunk in self._source.stream(query, deadline=deadline, caller=caller):
                 if not request_ids and not builder.messages_sent:
-                    _announce(context, fields, chunk.cache_status, chunk.read_time, chunk.entry)
+                    call.announce(chunk.cache_status, chunk.read_time, chunk.entry is not None)
                 request_ids.extend(chunk.request_ids)
                 if chunk.entry is not None:
-                    suffix = hit_suffix(chunk.cache_status, chunk.entry.stored)
-                    prebuilt = cached_messages(chunk.entry, query)
+                    suffix = hit_suffix(chunk.cache_status, chunk.entry.stored, self._clock)
+                    prebuilt = self._source.prebuilt(
+                        chunk.entry, query.page_size, build_cached_messages(chunk.entry, query)
+                    )
                     for data in prebuilt:
-                        yield data + suffix
+                        await call.write(data + suffix)
                     fields["messages"] = len(prebuilt)
                     return
                 for message in builder.feed(chunk):
-                    yield message
+                    await call.write(message)
             for message in builder.finish():
-                yield message
+                await call.write(message)
             fields["messages"] = builder.messages_sent
         except asyncio.CancelledError:
             raise
-        except UpstreamError as exc:
-            failure = errors.upstream_error(exc)
-        except DeadlineExceededError as exc:
-            failure = errors.deadline_exceeded(exc)
-        except RateLimitedError as exc:
-            failure = errors.rate_limited(exc.wait)
-        except errors.ListingUnstableError as exc:
-            failure = errors.listing_unstable(exc)
+        except ImageShareError as exc:
+            fields.setdefault("error", str(exc))
+            call.fail(status.to_status(exc))
         except Exception:
             log.exception("unexpected error in ListImageShares")
-            failure = errors.internal_error()
+            call.fail(status.internal_error())
         finally:
             fields["upstream_request_ids"] = request_ids
-        if failure is not None:
-            await context.abort_with_status(failure)
 
 
-def _announce(
-    context: Context,
-    fields: dict[str, object],
-    status: image_share_pb2.CacheStatus.ValueType,
-    read_time: float,
-    entry: object,
-) -> None:
-    """Say where the answer comes from, in trailing metadata and in the RPC's log line."""
-    name = _CACHE_STATUS_NAMES.get(status, "unspecified")
-    age_ms = max(0, int((time.time() - read_time) * 1000)) if entry is not None else 0
-    fields["cache"] = name
-    fields["cache_age_ms"] = age_ms
-    context.set_trailing_metadata(
-        (("x-imageshare-cache", name), ("x-imageshare-cache-age-ms", str(age_ms)))
-    )
+class _Call:
+    """One call's context, its log fields, and the trailing metadata it builds up."""
+
+    __slots__ = ("clock", "context", "fields", "stall_timeout", "trailing")
+
+    def __init__(self, context: Context, stall_timeout: float, clock: Clock) -> None:
+        self.context = context
+        self.stall_timeout = stall_timeout
+        self.clock = clock
+        self.fields = rpc_log_fields()
+        self.trailing: list[tuple[str, str | bytes]] = []
+
+    async def write(self, message: Response | bytes) -> None:
+        try:
+            async with asyncio.timeout(self.stall_timeout):
+                await self.context.write(message)
+        except TimeoutError:
+            raise StreamStalledError(self.stall_timeout) from None
+
+    def announce(
+        self, cache_status: image_share_pb2.CacheStatus.ValueType, read_time: float, cached: bool
+    ) -> None:
+        """Say where the answer comes from, in trailing metadata and in the RPC's log line."""
+        name = _CACHE_STATUS_NAMES.get(cache_status, "unspecified")
+        age_ms = max(0, int((self.clock.time() - read_time) * 1000)) if cached else 0
+        self.fields["cache"] = name
+        self.fields["cache_age_ms"] = age_ms
+        self.trailing = [("x-imageshare-cache", name), ("x-imageshare-cache-age-ms", str(age_ms))]
+        self.context.set_trailing_metadata(tuple(self.trailing))
+
+    def fail(self, failure: grpc.Status) -> None:
+        """End the call with ``failure`` once the handler returns (never blocks on the stream)."""
+        self.context.set_code(failure.code)
+        self.context.set_details(failure.details)
+        self.context.set_trailing_metadata((*self.trailing, *failure.trailing_metadata))
+
+
+def _peer(context: Context) -> str:
+    """The caller's connection (``ipv4:10.0.0.7:53122``): callers take turns by it."""
+    try:
+        return str(context.peer())
+    except Exception:  # the peer is gone after some cancellations
+        return ""
 
 
 def _serialize(message: Response | bytes) -> bytes:
@@ -132,7 +196,7 @@ def add_to_server(service: ImageShareService, server: grpc.aio.Server) -> None:
         {
             "ListImageShares": grpc.unary_stream_rpc_method_handler(
                 service.ListImageShares,
-                request_deserializer=Request.FromString,
+                request_deserializer=deserialize_request,
                 response_serializer=_serialize,
             )
         },

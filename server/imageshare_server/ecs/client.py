@@ -2,26 +2,50 @@
 
 Transport (the pooled ``httpx.AsyncClient``) is injected so one pool serves
 the whole process, and tests point it at the emulator without mocks. Every
-attempt gets a fresh nonce and timestamp, and is bounded by the caller's
-remaining deadline so that no upstream call outlives the RPC it serves.
+attempt gets a fresh nonce and timestamp.
+
+What an attempt may hold, and for how long:
+
+* a rate-limit token is queued for only until the read's deadline
+  (``ReadDeadline.at``); a read whose turn would come too late is refused at
+  once, and the read learns how long it queues (``ReadDeadline.queued``);
+* one of ``max_in_flight`` connection slots is held around the HTTP request
+  alone, never during a rate-limit wait or a retry's back-off;
+* the request as a whole (connect, headers, body) is bounded by the smaller
+  of ``read_timeout`` and what is left of the deadline, and its body by
+  ``max_response_bytes``.
+
+Answers are untrusted: a body that is too large, too deep, badly encoded or
+not the documented shape is a transient ``malformed_response`` (retried,
+then UNAVAILABLE, and a stale list may be served instead).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import re
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
 import httpx
 
+from imageshare_server.core.clock import SYSTEM_CLOCK, Clock
+from imageshare_server.core.deadline import NO_DEADLINE, ReadDeadline
+from imageshare_server.core.errors import (
+    DeadlineExceededError,
+    UpstreamApiError,
+    UpstreamBusyError,
+    UpstreamError,
+    UpstreamTransportError,
+)
+from imageshare_server.core.types import Account, SharePage
 from imageshare_server.ecs.credentials import CredentialsProvider
 from imageshare_server.ecs.endpoints import EndpointResolver, region_label
-from imageshare_server.ecs.errors import UpstreamApiError, UpstreamError, UpstreamTransportError
-from imageshare_server.ecs.model import Account, SharePage
 from imageshare_server.ecs.retry import RetryPolicy, UnlimitedRetries
 from imageshare_server.ecs.signing import canonical_query, sign_v1, sign_v3
 from imageshare_server.observability import metrics
@@ -32,25 +56,30 @@ ACTION = "DescribeImageSharePermission"
 API_VERSION = "2014-05-26"
 SignatureVersion = Literal["v3", "v1"]
 
+DEFAULT_MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+# A TotalCount beyond this is not a share list (the default quota is 50 accounts).
+MAX_TOTAL_COUNT = 1_000_000
+# Alibaba Cloud account ids are digit strings (16 digits today).
+_ALIYUN_ID = re.compile(r"[0-9]{1,32}")
+_GROUP = re.compile(r"[\x21-\x7e]{1,64}")
+# Below this, an attempt could not even be sent before the deadline.
+_MIN_ATTEMPT_SECONDS = 0.001
+
 
 class RetryGate(Protocol):
-    """Decides whether a retry may be spent (see ``retry.RetryBudget``)."""
+    """Decides whether a retry may be spent (see ``retry.RetryBudget``), per rate-limit bucket."""
 
-    def on_success(self) -> None: ...
+    def on_success(self, bucket: str) -> None: ...
 
-    def on_failure(self) -> None: ...
+    def on_failure(self, bucket: str) -> None: ...
 
-    def allow_retry(self) -> bool: ...
+    def allow_retry(self, bucket: str) -> bool: ...
 
 
 class Limiter(Protocol):
     """Waits for an upstream slot in ``region_id`` (see ``ratelimit.UpstreamRateLimiter``)."""
 
-    async def acquire(self, region_id: str, deadline: float | None) -> None: ...
-
-
-class DeadlineExceededError(Exception):
-    """Not enough of the caller's deadline is left for another upstream attempt."""
+    async def acquire(self, region_id: str, read: ReadDeadline) -> None: ...
 
 
 class EcsClient:
@@ -65,6 +94,9 @@ class EcsClient:
         retry: RetryPolicy | None = None,
         retry_gate: RetryGate | None = None,
         limiter: Limiter | None = None,
+        max_in_flight: int = 64,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._http = http
         self._credentials = credentials
@@ -74,6 +106,10 @@ class EcsClient:
         self._retry = retry or RetryPolicy()
         self._gate: RetryGate = retry_gate or UnlimitedRetries()
         self._limiter = limiter
+        self._max_in_flight = max_in_flight
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._max_response_bytes = max_response_bytes
+        self._clock = clock
 
     async def describe_image_share_permission(
         self,
@@ -83,9 +119,9 @@ class EcsClient:
         page_number: int,
         page_size: int,
         owner_account: str = "",
-        deadline: float | None = None,
+        deadline: ReadDeadline = NO_DEADLINE,
     ) -> SharePage:
-        """Read one page, retrying transient failures within ``deadline`` (``time.monotonic()``)."""
+        """Read one page, retrying transient failures while ``deadline`` allows."""
         params = {
             "RegionId": region_id,
             "ImageId": image_id,
@@ -94,6 +130,7 @@ class EcsClient:
         }
         if owner_account:
             params["OwnerAccount"] = owner_account
+        bucket = self._endpoints.bucket(region_id)
         attempt = 1
         while True:
             try:
@@ -101,35 +138,64 @@ class EcsClient:
             except UpstreamError as exc:
                 if not exc.retryable:
                     raise
-                self._gate.on_failure()
+                self._gate.on_failure(bucket)
                 if attempt >= self._retry.max_attempts:
                     raise
                 delay = self._retry.delay(attempt, exc)
-                if deadline is not None and time.monotonic() + delay >= deadline:
+                limit = deadline.at()
+                if limit is not None and self._clock.monotonic() + delay >= limit:
                     raise
-                if not self._gate.allow_retry():
+                if not self._gate.allow_retry(bucket):
                     metrics.UPSTREAM_RETRIES_DENIED.labels(ACTION).inc()
                     raise
                 metrics.UPSTREAM_RETRIES.labels(ACTION, exc.outcome).inc()
-                await asyncio.sleep(delay)
+                await self._clock.sleep(delay)
                 attempt += 1
             else:
-                self._gate.on_success()
+                self._gate.on_success(bucket)
                 return page
 
+    @contextlib.asynccontextmanager
+    async def _slot(self, deadline: ReadDeadline) -> AsyncIterator[None]:
+        """One of the ``max_in_flight`` connection slots, or ``UpstreamBusyError`` in time."""
+        if self._slots.locked():
+            wait_until = deadline.at()
+            remaining = None if wait_until is None else wait_until - self._clock.monotonic()
+            deadline.waiting_for_slot(True)
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._slots.acquire()
+            except TimeoutError:
+                raise UpstreamBusyError(self._max_in_flight) from None
+            finally:
+                deadline.waiting_for_slot(False)
+        else:
+            await self._slots.acquire()
+        try:
+            yield
+        finally:
+            self._slots.release()
+
     async def _attempt(
-        self, region_id: str, params: Mapping[str, str], deadline: float | None
+        self, region_id: str, params: Mapping[str, str], deadline: ReadDeadline
     ) -> dict[str, Any]:
         if self._limiter is not None:
             await self._limiter.acquire(region_id, deadline)
-        timeout = self._read_timeout
-        cut_by_deadline = False
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0.001:
-                raise DeadlineExceededError("caller deadline reached before the upstream call")
-            cut_by_deadline = left < timeout
-            timeout = min(timeout, left)
+        async with self._slot(deadline):
+            timeout = self._read_timeout
+            cut_by_deadline = False
+            limit = deadline.at()
+            if limit is not None:
+                left = limit - self._clock.monotonic()
+                if left <= _MIN_ATTEMPT_SECONDS:
+                    raise DeadlineExceededError("caller deadline reached before the upstream call")
+                cut_by_deadline = left < timeout
+                timeout = min(timeout, left)
+            return await self._send(region_id, params, timeout, cut_by_deadline)
+
+    async def _send(
+        self, region_id: str, params: Mapping[str, str], seconds: float, cut_by_deadline: bool
+    ) -> dict[str, Any]:
         endpoint = self._endpoints.resolve(region_id)
         credentials = await self._credentials.get()
         if self._signature_version == "v3":
@@ -158,8 +224,11 @@ class EcsClient:
         started = time.perf_counter()
         metrics.UPSTREAM_IN_FLIGHT.inc()
         try:
-            response = await self._http.post(url, headers=headers, timeout=timeout)
-            return _decode(response)
+            # One bound for the whole exchange: httpx's own timeouts are per read,
+            # so a body trickling in byte by byte would otherwise never time out.
+            async with asyncio.timeout(seconds):
+                status, response_headers, body = await self._exchange(url, headers, seconds=seconds)
+            return _decode(status, response_headers, body)
         except UpstreamError as exc:
             outcome = exc.outcome
             if isinstance(exc, UpstreamApiError) and exc.is_credentials:
@@ -171,7 +240,7 @@ class EcsClient:
                     extra={"upstream_code": exc.code, "access_key_id": credentials.access_key_id},
                 )
             raise
-        except httpx.TimeoutException as exc:
+        except (TimeoutError, httpx.TimeoutException):
             outcome = "timeout"
             if cut_by_deadline:
                 # The caller's deadline ran out, not the upstream's patience: no retry can
@@ -179,8 +248,11 @@ class EcsClient:
                 raise DeadlineExceededError(
                     "caller deadline reached during the upstream call"
                 ) from None
-            raise UpstreamTransportError("timeout", type(exc).__name__) from None
-        except httpx.TransportError as exc:
+            raise UpstreamTransportError("timeout", "no complete answer in time") from None
+        except httpx.DecodingError:
+            outcome = "malformed_response"
+            raise UpstreamTransportError("malformed_response", "body cannot be decoded") from None
+        except httpx.RequestError as exc:
             outcome = "connection_error"
             raise UpstreamTransportError("connection_error", type(exc).__name__) from None
         except asyncio.CancelledError:
@@ -191,28 +263,48 @@ class EcsClient:
             metrics.UPSTREAM_DURATION.labels(ACTION, region).observe(time.perf_counter() - started)
             metrics.UPSTREAM_REQUESTS.labels(ACTION, region, outcome).inc()
 
+    async def _exchange(
+        self, url: str, headers: Mapping[str, str], *, seconds: float
+    ) -> tuple[int, httpx.Headers, bytes]:
+        """POST and read the (decoded) body, refusing one larger than the configured cap."""
+        limit = self._max_response_bytes
+        async with self._http.stream("POST", url, headers=headers, timeout=seconds) as response:
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > limit:
+                raise UpstreamTransportError(
+                    "malformed_response", f"body of {declared} bytes exceeds {limit}"
+                )
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > limit:
+                    raise UpstreamTransportError(
+                        "malformed_response", f"body exceeds {limit} bytes"
+                    )
+                chunks.append(chunk)
+            return response.status_code, response.headers, b"".join(chunks)
 
-def _decode(response: httpx.Response) -> dict[str, Any]:
+
+def _decode(status: int, headers: httpx.Headers, raw: bytes) -> dict[str, Any]:
     try:
-        body = response.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        if response.status_code >= 500:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        if status >= 500:
             raise UpstreamApiError(
-                f"HTTP{response.status_code}",
-                "non-JSON error body",
-                http_status=response.status_code,
+                f"HTTP{status}", "non-JSON error body", http_status=status
             ) from None
         raise UpstreamTransportError("malformed_response", "body is not JSON") from None
     if not isinstance(body, dict):
         raise UpstreamTransportError("malformed_response", "body is not a JSON object")
-    if response.status_code != 200 or ("Code" in body and "TotalCount" not in body):
-        retry_after = response.headers.get("x-acs-retry-after")
+    if status != 200 or ("Code" in body and "TotalCount" not in body):
+        retry_after = headers.get("x-acs-retry-after", "")
         raise UpstreamApiError(
-            str(body.get("Code") or f"HTTP{response.status_code}"),
+            str(body.get("Code") or f"HTTP{status}"),
             str(body.get("Message") or ""),
-            http_status=response.status_code,
+            http_status=status,
             request_id=str(body.get("RequestId") or ""),
-            retry_after=int(retry_after) / 1000 if retry_after and retry_after.isdigit() else None,
+            retry_after=int(retry_after) / 1000 if retry_after.isdigit() else None,
         )
     return body
 
@@ -233,26 +325,48 @@ def _parse_time(value: Any) -> datetime | None:
         return None
 
 
+def _aliyun_id(value: Any) -> str:
+    """An account id, verbatim; a JSON number keeps its digits. Anything else is malformed."""
+    text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(text, str) or not _ALIYUN_ID.fullmatch(text):
+        raise ValueError("AliyunId is not a digit string")
+    return text
+
+
+def _group(value: Any) -> str:
+    if not isinstance(value, str) or not _GROUP.fullmatch(value):
+        raise ValueError("Group is not a short printable string")
+    return value
+
+
+def _count(value: Any, name: str, maximum: int) -> int:
+    number = int(value)
+    if not 0 <= number <= maximum:
+        raise ValueError(f"{name} {number} is out of range")
+    return number
+
+
 def parse_page(body: Mapping[str, Any]) -> SharePage:
-    """Parse a success body. ``AliyunId`` may be a JSON number: keep its digits verbatim."""
+    """Parse a success body into a page, or raise a transient ``malformed_response``."""
     try:
         accounts = tuple(
-            Account(str(item["AliyunId"]), _parse_time(item.get("SharedTime")))
+            Account(_aliyun_id(item["AliyunId"]), _parse_time(item.get("SharedTime")))
             for item in _items(body.get("Accounts"), "Account")
             if isinstance(item, dict) and item.get("AliyunId") not in (None, "")
         )
         groups = tuple(
-            str(item["Group"])
+            _group(item["Group"])
             for item in _items(body.get("ShareGroups"), "ShareGroup")
             if isinstance(item, dict) and item.get("Group")
         )
+        request_id = body.get("RequestId", "")
         return SharePage(
-            request_id=str(body.get("RequestId", "")),
-            page_number=int(body.get("PageNumber", 1)),
-            page_size=int(body.get("PageSize", len(accounts))),
-            total_count=int(body["TotalCount"]),
+            request_id=request_id if isinstance(request_id, str) and len(request_id) <= 64 else "",
+            page_number=_count(body.get("PageNumber", 1), "PageNumber", MAX_TOTAL_COUNT),
+            page_size=_count(body.get("PageSize", len(accounts)), "PageSize", MAX_TOTAL_COUNT),
+            total_count=_count(body["TotalCount"], "TotalCount", MAX_TOTAL_COUNT),
             accounts=accounts,
             share_groups=groups,
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise UpstreamTransportError("malformed_response", f"unexpected body: {exc}") from None

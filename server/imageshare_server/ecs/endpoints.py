@@ -70,6 +70,12 @@ def region_label(region_id: str) -> str:
     return region_id if region_id in KNOWN_REGIONS or region_id in ENDPOINT_MAP else "other"
 
 
+# The bucket every region outside the known set shares (see ``EndpointResolver.bucket``),
+# and the one every region shares when all calls go to one ``--upstream-endpoint``.
+OTHER_REGIONS_BUCKET = "other"
+ENDPOINT_BUCKET = "endpoint"
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """Where a request goes (``base_url``) and the ``host`` value it is signed with."""
@@ -92,9 +98,16 @@ class EndpointResolver:
     private endpoint or a proxy); otherwise HTTPS to the official host.
     """
 
-    def __init__(self, override: str | None = None, *, vpc: bool = False) -> None:
+    def __init__(
+        self,
+        override: str | None = None,
+        *,
+        vpc: bool = False,
+        extra_regions: frozenset[str] = frozenset(),
+    ) -> None:
         self._override: Endpoint | None = None
         self._vpc = vpc
+        self._known = KNOWN_REGIONS | ENDPOINT_MAP.keys() | extra_regions
         if override:
             url = httpx.URL(override if "://" in override else f"https://{override}")
             if url.scheme not in ("http", "https") or not url.host:
@@ -105,6 +118,20 @@ class EndpointResolver:
     @property
     def overridden(self) -> bool:
         return self._override is not None
+
+    def bucket(self, region_id: str) -> str:
+        """The rate-limit (and retry-budget) bucket of a region: a fixed, bounded set of names.
+
+        Callers choose region ids, so per-region state must not grow with them.
+        With one ``--upstream-endpoint`` every call reaches the same host and
+        counts against one bucket. Otherwise each known region (the SDK's
+        endpoint map, the public regions and ``--extra-regions``) has its own,
+        and every other region shares one: a region Alibaba Cloud opens after
+        this release still works, at a shared rate, until it is listed.
+        """
+        if self._override is not None:
+            return ENDPOINT_BUCKET
+        return region_id if region_id in self._known else OTHER_REGIONS_BUCKET
 
     def resolve(self, region_id: str) -> Endpoint:
         if self._override is not None:

@@ -68,8 +68,14 @@ CACHE_EVICTIONS = Counter(
 )
 CACHE_STALE_SERVES = Counter(
     "imageshare_cache_stale_served_total",
-    "Stale lists served, by why: revalidating (stale-while-revalidate) or upstream_error.",
+    "Stale lists served, by why: revalidating (stale-while-revalidate), upstream_error, or "
+    "deadline (the read would have ended after the caller's deadline).",
     ["reason"],
+)
+ORPHAN_READS_CANCELLED = Counter(
+    "imageshare_orphan_reads_cancelled_total",
+    "Upstream reads cancelled because every caller of theirs left and no orphan-read slot "
+    "was free to let them fill the cache.",
 )
 COALESCED_WAITS = Counter(
     "imageshare_singleflight_coalesced_total",

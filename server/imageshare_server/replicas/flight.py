@@ -1,31 +1,30 @@
-"""Single-flight across replicas: the in-process ``Flight`` coordinated through Redis.
+"""Single-flight across replicas: the ``SharedTier`` the share source plugs Redis in through.
 
 Within a replica, callers already share one ``Flight`` per key. With Redis,
-that flight first takes the key's lease. The holder reads upstream (renewing
-the lease), writes the list to the shared store, then releases. A replica
-that finds the lease taken polls the store with backoff until a list newer
-than the one it already had appears, trying for the lease on every round so
-that it takes over when the holder dies or gives up. If Redis fails at any
-point the flight reads upstream on its own: coordination is lost, never the
-answer.
+that flight's ``ReadStrategy`` first takes the key's lease. The holder reads
+upstream (renewing the lease), writes the list to the shared store, then
+releases. A replica that finds the lease taken polls the store with backoff
+until a list newer than the one it already had appears, trying for the lease
+on every round so that it takes over when the holder dies or gives up. If
+Redis fails at any point the flight reads upstream on its own: coordination
+is lost, never the answer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
+from collections.abc import Awaitable, Callable
 
-from imageshare_server.cache import CacheEntry, CachePolicy, ShareCache
-from imageshare_server.ecs.client import DeadlineExceededError, EcsClient
-from imageshare_server.ecs.errors import UpstreamApiError
-from imageshare_server.ecs.model import SharePage
-from imageshare_server.flight import Flight, FlightOptions, ShareList
+from imageshare_server.cache import CachePolicy
+from imageshare_server.core.clock import SYSTEM_CLOCK, Clock
+from imageshare_server.core.errors import DeadlineExceededError, UpstreamApiError, UpstreamErrorData
+from imageshare_server.core.types import ShareKey, ShareList
+from imageshare_server.flight import Flight
 from imageshare_server.observability import metrics
 from imageshare_server.replicas.lease import LeaseManager
 from imageshare_server.replicas.link import RedisLink, RedisUnavailable
 from imageshare_server.replicas.store import RedisShareStore
-from imageshare_server.validation import ShareKey
 
 log = logging.getLogger(__name__)
 
@@ -33,154 +32,104 @@ FIRST_POLL = 0.02
 MAX_POLL = 0.25
 
 
-class SharedFlight(Flight):
-    def __init__(
-        self,
-        tier: RedisTier,
-        client: EcsClient,
-        key: ShareKey,
-        options: FlightOptions,
-        global_pages: asyncio.Semaphore,
-        *,
-        deadline: float | None,
-        expected_total: int | None = None,
-        newer_than: float = 0.0,
-    ) -> None:
-        super().__init__(
-            client,
-            key,
-            options,
-            global_pages,
-            deadline=deadline,
-            expected_total=expected_total,
-        )
-        self._tier = tier
-        self._newer_than = newer_than
+class RedisReadStrategy:
+    """Lead the read under the key's lease, or take the leader's stored result."""
 
-    async def _read(self) -> ShareList:
-        tier = self._tier
+    def __init__(self, store: RedisShareStore, leases: LeaseManager, clock: Clock) -> None:
+        self._store = store
+        self._leases = leases
+        self._clock = clock
+
+    async def read(
+        self, flight: Flight, read_upstream: Callable[[], Awaitable[ShareList]]
+    ) -> ShareList:
         poll = FIRST_POLL
         waited = False
         while True:
             try:
-                found = await self._stored()
+                found = await self._stored(flight)
                 if found is not None:
                     if waited:
                         metrics.REDIS_LEASE_WAITS.labels("result").inc()
                     return found
-                lease = await tier.leases.try_acquire(self.key)
+                lease = await self._leases.try_acquire(flight.key)
             except RedisUnavailable:
                 if waited:
                     metrics.REDIS_LEASE_WAITS.labels("fallback").inc()
-                return await self._read_and_store()
+                return await self._read_and_store(flight, read_upstream)
             if lease is not None:
                 if waited:
                     metrics.REDIS_LEASE_WAITS.labels("takeover").inc()
-                async with tier.leases.held(lease):
+                async with self._leases.held(lease):
                     # The holder before us may have stored its list just before releasing.
                     try:
-                        found = await self._stored()
+                        found = await self._stored(flight)
                     except RedisUnavailable:
                         found = None
                     if found is not None:
                         return found
-                    return await self._read_and_store()
+                    return await self._read_and_store(flight, read_upstream)
             waited = True
-            remaining = self._deadline - time.monotonic()
-            if remaining <= 0:
+            limit = flight.at()
+            remaining = None if limit is None else limit - self._clock.monotonic()
+            if remaining is not None and remaining <= 0:
                 raise DeadlineExceededError("another replica's read of this list did not finish")
-            await asyncio.sleep(min(poll, remaining))
+            await asyncio.sleep(poll if remaining is None else min(poll, remaining))
             poll = min(poll * 1.5, MAX_POLL)
 
-    async def _stored(self) -> ShareList | None:
+    async def _stored(self, flight: Flight) -> ShareList | None:
         """A stored list newer than the one this read replaces (a NotFound is raised)."""
-        stored = await self._tier.store.get(self.key)
-        if stored is None:
+        value = await self._store.get(flight.key)
+        if value is None:
             return None
-        value = stored.value
-        if isinstance(value, UpstreamApiError):
-            if self._newer_than == 0.0:
-                raise value
+        newer_than = flight.spec.newer_than
+        if isinstance(value, UpstreamErrorData):
+            if newer_than == 0.0:
+                raise UpstreamApiError.from_data(value)
             return None
-        if value.read_time <= self._newer_than:
+        if value.read_time <= newer_than:
             return None
-        self._publish(
-            SharePage(
-                request_id="",
-                page_number=1,
-                page_size=max(1, value.total_count),
-                total_count=value.total_count,
-                accounts=value.accounts,
-                share_groups=value.share_groups,
-            )
-        )
+        flight.publish_list(value)
         return value
 
-    async def _read_and_store(self) -> ShareList:
+    async def _read_and_store(
+        self, flight: Flight, read_upstream: Callable[[], Awaitable[ShareList]]
+    ) -> ShareList:
         try:
-            result = await super()._read()
+            result = await read_upstream()
         except UpstreamApiError as exc:
-            if exc.code.endswith(".NotFound"):
-                await self._tier.store.put_negative(self.key, exc)
+            if exc.is_image_not_found:
+                await self._store.put_negative(flight.key, exc.data())
             raise
-        await self._tier.store.put(result)
+        await self._store.put(result)
         return result
 
 
 class RedisTier:
-    """What ``SharedShareSource`` needs from Redis: the L2 store and shared flights."""
+    """The L2 store and cross-replica reads, as ``source.SharedTier``."""
 
     def __init__(
-        self, link: RedisLink, policy: CachePolicy, *, prefix: str, lease_ttl: float
+        self,
+        link: RedisLink,
+        policy: CachePolicy,
+        *,
+        prefix: str,
+        lease_ttl: float,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.link = link
-        self.store = RedisShareStore(link, policy, prefix=prefix)
+        self.store = RedisShareStore(link, policy, prefix=prefix, clock=clock)
         self.leases = LeaseManager(link, prefix=prefix, ttl=lease_ttl)
+        self._strategy = RedisReadStrategy(self.store, self.leases, clock)
 
-    def flight(
-        self,
-        client: EcsClient,
-        key: ShareKey,
-        options: FlightOptions,
-        global_pages: asyncio.Semaphore,
-        *,
-        deadline: float | None,
-        expected_total: int | None,
-        newer_than: float,
-    ) -> Flight:
-        return SharedFlight(
-            self,
-            client,
-            key,
-            options,
-            global_pages,
-            deadline=deadline,
-            expected_total=expected_total,
-            newer_than=newer_than,
-        )
+    @property
+    def strategy(self) -> RedisReadStrategy:
+        return self._strategy
 
-    async def refresh_l1(
-        self, cache: ShareCache, key: ShareKey, entry: CacheEntry | None
-    ) -> CacheEntry | None:
-        """After an in-process miss (or a stale hit), take a newer list from Redis into L1."""
+    async def lookup(self, key: ShareKey) -> ShareList | UpstreamErrorData | None:
         if not self.link.available():
-            return entry
+            return None
         try:
-            stored = await self.store.get(key)
+            return await self.store.get(key)
         except RedisUnavailable:
-            return entry
-        if stored is None:
-            return entry
-        value = stored.value
-        if isinstance(value, UpstreamApiError):
-            if entry is None:
-                cache.put_negative(key, value)
-                return cache.get(key)
-            return entry
-        if (
-            entry is not None
-            and entry.shares is not None
-            and value.read_time <= entry.shares.read_time
-        ):
-            return entry
-        return cache.put(value) or entry
+            return None

@@ -15,8 +15,8 @@ import logging
 import secrets
 from collections.abc import AsyncIterator
 
+from imageshare_server.core.types import ShareKey
 from imageshare_server.replicas.link import RedisLink, RedisUnavailable
-from imageshare_server.validation import ShareKey
 
 log = logging.getLogger(__name__)
 

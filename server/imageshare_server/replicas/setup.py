@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any
 
 from imageshare_server.cache import CachePolicy
 from imageshare_server.config import Settings
+from imageshare_server.core.clock import Clock
 from imageshare_server.ecs.credentials import CredentialsProvider
-from imageshare_server.ratelimit import UpstreamRateLimiter
+from imageshare_server.ratelimit import BucketNames, UpstreamRateLimiter
 from imageshare_server.replicas.flight import RedisTier
 from imageshare_server.replicas.link import RedisLink
 from imageshare_server.replicas.ratelimit import RedisRateLimiter
@@ -16,7 +17,7 @@ from imageshare_server.replicas.ratelimit import RedisRateLimiter
 log = logging.getLogger(__name__)
 
 
-def connect(settings: Settings, closers: list[Any]) -> RedisLink | None:
+async def connect(settings: Settings, stack: contextlib.AsyncExitStack) -> RedisLink | None:
     """The link to ``--redis-url``, probed in the background; None when none is configured.
 
     Start-up never waits for Redis: a replica that starts while Redis is down
@@ -26,7 +27,7 @@ def connect(settings: Settings, closers: list[Any]) -> RedisLink | None:
         return None
     link = RedisLink.from_url(settings.redis_url, timeout=settings.redis_timeout)
     link.start_probe()
-    closers.append(link.aclose)
+    stack.push_async_callback(link.aclose)
     log.info(
         "sharing cache, reads and rate limit through redis",
         extra={"event": "redis", "redis": link.description},
@@ -39,6 +40,9 @@ def limiter(
     link: RedisLink,
     credentials: CredentialsProvider,
     fallback: UpstreamRateLimiter,
+    *,
+    buckets: BucketNames,
+    clock: Clock,
 ) -> RedisRateLimiter:
     """One bucket per account and region for all replicas; ``fallback`` while Redis is away."""
     configured = settings.rate_limit_account
@@ -60,10 +64,16 @@ def limiter(
         account=account,
         prefix=settings.redis_key_prefix,
         fallback=fallback,
+        buckets=buckets,
+        clock=clock,
     )
 
 
-def tier(settings: Settings, link: RedisLink, policy: CachePolicy) -> RedisTier:
+def tier(settings: Settings, link: RedisLink, policy: CachePolicy, clock: Clock) -> RedisTier:
     return RedisTier(
-        link, policy, prefix=settings.redis_key_prefix, lease_ttl=settings.redis_lease_ttl
+        link,
+        policy,
+        prefix=settings.redis_key_prefix,
+        lease_ttl=settings.redis_lease_ttl,
+        clock=clock,
     )

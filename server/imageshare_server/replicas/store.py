@@ -15,19 +15,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 import zlib
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from imageshare_server.cache import CachePolicy
-from imageshare_server.ecs.errors import UpstreamApiError
-from imageshare_server.ecs.model import Account
-from imageshare_server.flight import ShareList
+from imageshare_server.core.clock import SYSTEM_CLOCK, Clock
+from imageshare_server.core.errors import UpstreamErrorData
+from imageshare_server.core.types import Account, ShareKey, ShareList
 from imageshare_server.observability import metrics
 from imageshare_server.replicas.link import RedisLink, RedisUnavailable
-from imageshare_server.validation import ShareKey
 
 _VERSION = b"\x01"
 
@@ -50,9 +47,9 @@ def encode(shares: ShareList) -> bytes:
     return _pack(body)
 
 
-def encode_negative(error: UpstreamApiError) -> bytes:
+def encode_negative(error: UpstreamErrorData, now: float) -> bytes:
     body = {
-        "t": time.time(),
+        "t": now,
         "e": [error.code, error.message, error.http_status, error.request_id],
     }
     return _pack(body)
@@ -63,16 +60,18 @@ def _pack(body: dict[str, Any]) -> bytes:
     return _VERSION + zlib.compress(raw, 1)
 
 
-def decode(key: ShareKey, data: bytes) -> ShareList | UpstreamApiError:
+def decode(
+    key: ShareKey, data: bytes, clock: Clock = SYSTEM_CLOCK
+) -> ShareList | UpstreamErrorData:
     """The stored list, with ``read_monotonic`` set so in-process ages come out right."""
     if not data.startswith(_VERSION):
         raise ValueError("unknown shared cache value version")
     body = json.loads(zlib.decompress(data[1:]))
     if "e" in body:
         code, message, status, request_id = body["e"]
-        return UpstreamApiError(code, message, http_status=status, request_id=request_id)
+        return UpstreamErrorData(str(code), str(message), int(status), str(request_id))
     read_time = float(body["t"])
-    age = max(0.0, time.time() - read_time)
+    age = max(0.0, clock.time() - read_time)
     return ShareList(
         key=key,
         accounts=tuple(
@@ -82,28 +81,20 @@ def decode(key: ShareKey, data: bytes) -> ShareList | UpstreamApiError:
         share_groups=tuple(body["g"]),
         request_ids=tuple(body["r"]),
         read_time=read_time,
-        read_monotonic=time.monotonic() - age,
+        read_monotonic=clock.monotonic() - age,
     )
 
 
-@dataclass(frozen=True)
-class Stored:
-    """What the L2 holds for a key: a list or a cached NotFound."""
-
-    value: ShareList | UpstreamApiError
-
-    @property
-    def read_time(self) -> float:
-        return self.value.read_time if isinstance(self.value, ShareList) else 0.0
-
-
 class RedisShareStore:
-    def __init__(self, link: RedisLink, policy: CachePolicy, *, prefix: str) -> None:
+    def __init__(
+        self, link: RedisLink, policy: CachePolicy, *, prefix: str, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
         self._link = link
         self._policy = policy
         self._prefix = prefix
+        self._clock = clock
 
-    async def get(self, key: ShareKey) -> Stored | None:
+    async def get(self, key: ShareKey) -> ShareList | UpstreamErrorData | None:
         """The stored value, None if there is none; ``RedisUnavailable`` if Redis failed."""
         name = list_key(self._prefix, key)
         try:
@@ -115,26 +106,27 @@ class RedisShareStore:
             metrics.REDIS_CACHE_REQUESTS.labels("miss").inc()
             return None
         try:
-            value = decode(key, data)
+            value = decode(key, data, self._clock)
         except (ValueError, KeyError, IndexError, TypeError, zlib.error):
             # Written by an incompatible version: treat as absent, the next read overwrites it.
             metrics.REDIS_CACHE_REQUESTS.labels("miss").inc()
             return None
         metrics.REDIS_CACHE_REQUESTS.labels("hit").inc()
-        return Stored(value)
+        return value
 
     async def put(self, shares: ShareList) -> None:
         """Store ``shares`` until its stale-if-error window ends; Redis failures are swallowed."""
         policy = self._policy
         keep = policy.ttl + max(policy.stale_while_revalidate, policy.stale_if_error)
-        remaining = keep - max(0.0, time.time() - shares.read_time)
+        remaining = keep - max(0.0, self._clock.time() - shares.read_time)
         if remaining <= 0.001:
             return
         await self._set(shares.key, encode(shares), remaining)
 
-    async def put_negative(self, key: ShareKey, error: UpstreamApiError) -> None:
+    async def put_negative(self, key: ShareKey, error: UpstreamErrorData) -> None:
         if self._policy.negative_ttl > 0:
-            await self._set(key, encode_negative(error), self._policy.negative_ttl)
+            data = encode_negative(error, self._clock.time())
+            await self._set(key, data, self._policy.negative_ttl)
 
     async def _set(self, key: ShareKey, data: bytes, seconds: float) -> None:
         name = list_key(self._prefix, key)

@@ -79,9 +79,10 @@ class ListImageSharesRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     BYPASS_CACHE_FIELD_NUMBER: _builtins.int
     region_id: _builtins.str
-    """Region of the image, e.g. "cn-hangzhou". Required. Lower-case
-    letters, digits and hyphens: `^[a-z]{2,4}(-[a-z0-9]+){1,4}$`, at most 64
-    characters (it becomes part of the upstream host name).
+    """Region of the image, e.g. "cn-hangzhou". Required. 2 to 4 lower-case
+    letters, then 1 to 4 hyphen-separated parts of lower-case letters and
+    digits: `^[a-z]{2,4}(-[a-z0-9]{1,20}){1,4}$`, at most 63 characters (it
+    becomes part of the upstream host name, one DNS label).
     """
     image_id: _builtins.str
     """Custom image id, e.g. "m-bp1caf3yicx5jlfl0000". Required.

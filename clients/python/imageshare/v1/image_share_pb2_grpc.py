@@ -56,20 +56,38 @@ class ImageShareServiceServicer:
         UNAVAILABLE only before the first message arrives; a started stream is not
         resumable, so retry the whole call.
 
-        Errors (google.rpc.Status with ErrorInfo; reason is the upstream Code in
-        UPPER_SNAKE_CASE, metadata carries the upstream requestId and httpStatus):
-        INVALID_ARGUMENT   bad region_id, image_id, owner_account or page_size
-        (google.rpc.BadRequest names the field), or the
+        Errors (google.rpc.Status with ErrorInfo; for upstream errors the reason
+        is the upstream Code in UPPER_SNAKE_CASE and the metadata carries the
+        upstream requestId and httpStatus; the service's own reasons are named
+        below):
+        INVALID_ARGUMENT    bad region_id, image_id, owner_account or page_size
+        (google.rpc.BadRequest names the field; reason
+        INVALID_REQUEST), request bytes that are not a
+        ListImageSharesRequest (MALFORMED_REQUEST), or the
         upstream rejected a parameter (InvalidRegionId.*).
-        NOT_FOUND          the image does not exist for the service's account.
-        PERMISSION_DENIED  the service's RAM identity may not read the image.
-        RESOURCE_EXHAUSTED upstream throttling after retries (RetryInfo says
-        when to retry), or the service is at its limit of
-        concurrent calls.
-        UNAVAILABLE        upstream 5xx, timeouts, connection failures: retry
-        with backoff.
-        ABORTED            the share list kept changing while it was read.
-        INTERNAL           the service's own credentials were rejected; the
+        NOT_FOUND           the image does not exist for the service's account.
+        PERMISSION_DENIED   the service's RAM identity may not read the image.
+        RESOURCE_EXHAUSTED  upstream throttling after retries; the service's
+        own upstream rate limit or connection slots cannot
+        serve the call before its deadline
+        (UPSTREAM_RATE_LIMITED, UPSTREAM_BUSY); the service
+        is at its limit of concurrent calls
+        (TOO_MANY_CONCURRENT_CALLS). RetryInfo says when to
+        retry.
+        UNAVAILABLE         upstream 5xx, timeouts, connection failures or
+        malformed answers (UPSTREAM_*), a read that ran past
+        the service's listing timeout (LISTING_TIMEOUT), or
+        the caller stopped reading its stream
+        (STREAM_STALLED): retry with backoff.
+        DEADLINE_EXCEEDED   the deadline left no time to read the list
+        (DEADLINE_TOO_SHORT).
+        ABORTED             the share list kept changing while it was read
+        (SHARE_LIST_CHANGING): retry.
+        FAILED_PRECONDITION the list is too large to read within the service's
+        listing timeout at its upstream rate
+        (SHARE_LIST_TOO_LARGE: the operators must raise
+        them), or any other upstream error code.
+        INTERNAL            the service's own credentials were rejected; the
         caller did nothing wrong (page the owners).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -1,0 +1,64 @@
+"""The service's domain values: what is asked for, and what the upstream answered.
+
+Plain frozen dataclasses with no transport in them, shared by every layer
+(validation, upstream client, cache, single-flight, Redis tier, gRPC layer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ShareKey:
+    """What identifies a share list upstream, and so a cache entry."""
+
+    region_id: str
+    image_id: str
+    owner_account: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ShareQuery:
+    """A validated request: the list wanted, how to chunk it, whether to skip the cache."""
+
+    key: ShareKey
+    page_size: int
+    bypass_cache: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """One account an image is shared with; ``aliyun_id`` is verbatim, even if sent as a number."""
+
+    aliyun_id: str
+    shared_time: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SharePage:
+    """One DescribeImageSharePermission page."""
+
+    request_id: str
+    page_number: int
+    page_size: int
+    total_count: int
+    accounts: tuple[Account, ...]
+    share_groups: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ShareList:
+    """A complete, consistent snapshot of one image's shares."""
+
+    key: ShareKey
+    accounts: tuple[Account, ...]
+    share_groups: tuple[str, ...]
+    request_ids: tuple[str, ...]
+    read_time: float  # wall clock, for callers
+    read_monotonic: float  # for cache ages
+
+    @property
+    def total_count(self) -> int:
+        return len(self.accounts)

@@ -1,0 +1,188 @@
+"""The in-process cache: sizes measured, not guessed, and entries that go when they expire."""
+
+from __future__ import annotations
+
+import gc
+import json
+import tracemalloc
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from imageshare_server.cache import MAX_MESSAGE_VARIANTS, CachePolicy, Freshness, ShareCache
+from imageshare_server.core.errors import UpstreamApiError, UpstreamErrorData
+from imageshare_server.core.types import ShareKey, ShareList, ShareQuery
+from imageshare_server.ecs.client import parse_page
+from imageshare_server.messages import build_cached_messages
+from tests.support.clock import ManualClock
+
+REGION = "cn-hangzhou"
+
+
+def parsed_list(key: ShareKey, accounts: int, *, times: bool, clock: ManualClock) -> ShareList:
+    """A list built the way the service builds one: parsed from an upstream body."""
+    body = json.dumps(
+        {
+            "RequestId": "4F0C8D3B-7F4E-4B3A-9A2E-1C5D6E7F8A9B",
+            "TotalCount": accounts,
+            "PageNumber": 1,
+            "PageSize": 100,
+            "ShareGroups": {"ShareGroup": [{"Group": "all"}]},
+            "Accounts": {
+                "Account": [
+                    {
+                        "AliyunId": str(1_500_000_000_000_000 + 7919 * i),
+                        **({"SharedTime": "2025-01-01T00:00:00Z"} if times else {}),
+                    }
+                    for i in range(accounts)
+                ]
+            },
+        }
+    )
+    page = parse_page(json.loads(body))
+    return ShareList(
+        key=key,
+        accounts=page.accounts,
+        share_groups=page.share_groups,
+        request_ids=(page.request_id,),
+        read_time=clock.time(),
+        read_monotonic=clock.monotonic(),
+    )
+
+
+def measured(build: Callable[[], Any]) -> tuple[Any, int]:
+    """What ``build`` returns, and the bytes it left allocated (tracemalloc)."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        value = build()
+        gc.collect()
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    return value, grown
+
+
+@pytest.mark.parametrize(
+    ("accounts", "times", "page_sizes"),
+    [
+        (0, False, ()),
+        (1, True, ()),
+        (137, True, (50,)),
+        (137, False, (1, 100)),
+        (20_000, True, (50,)),
+    ],
+)
+def test_accounted_size_of_an_entry_is_within_2x_of_its_real_size(
+    accounts: int, times: bool, page_sizes: tuple[int, ...]
+) -> None:
+    clock = ManualClock()
+    cache = ShareCache(CachePolicy(max_bytes=10**10), clock=clock)
+    key = ShareKey(REGION, f"m-size{accounts}x{len(page_sizes)}")
+
+    def fill() -> None:
+        entry = cache.put(parsed_list(key, accounts, times=times, clock=clock))
+        assert entry is not None
+        for size in page_sizes:
+            query = ShareQuery(key, size, bypass_cache=False)
+            cache.messages(entry, size, build_cached_messages(entry, query))
+
+    _, real = measured(fill)
+    assert real / 2 <= cache.total_bytes <= real * 2, (cache.total_bytes, real)
+
+
+def test_negative_entries_keep_only_the_error_data_and_are_accounted_within_2x() -> None:
+    clock = ManualClock()
+    cache = ShareCache(CachePolicy(max_bytes=10**10), clock=clock)
+
+    def fill() -> None:
+        for i in range(1000):
+            try:  # an error with a traceback, as the service meets it
+                raise UpstreamApiError(
+                    "InvalidImageId.NotFound",
+                    "The specified ImageId does not exist.",
+                    http_status=404,
+                    request_id=f"5A9E6F2B-0C1D-4E3F-8A7B-{i:012d}",
+                )
+            except UpstreamApiError as exc:
+                cache.put_negative(ShareKey(REGION, f"m-made-up{i:06d}"), exc.data())
+
+    _, real = measured(fill)
+    assert real / 2 <= cache.total_bytes <= real * 2, (cache.total_bytes, real)
+    entry = cache.get(ShareKey(REGION, "m-made-up000007"))
+    assert entry is not None and type(entry.error) is UpstreamErrorData
+
+
+def test_made_up_ids_cannot_grow_the_cache_past_its_bound() -> None:
+    clock = ManualClock()
+    cache = ShareCache(CachePolicy(max_bytes=1024 * 1024), clock=clock)
+    error = UpstreamErrorData("InvalidImageId.NotFound", "gone", 404, "R")
+
+    def fill() -> None:
+        for i in range(10_000):
+            cache.put_negative(ShareKey(REGION, f"m-made-up{i:06d}"), error)
+
+    _, real = measured(fill)
+    assert cache.total_bytes <= 1024 * 1024
+    assert real <= 2 * 1024 * 1024
+
+
+def test_expired_entries_are_swept_without_being_asked_for() -> None:
+    clock = ManualClock()
+    cache = ShareCache(CachePolicy(negative_ttl=5, ttl=60, stale_if_error=600), clock=clock)
+    error = UpstreamErrorData("InvalidImageId.NotFound", "gone", 404, "R")
+    for i in range(100):
+        cache.put_negative(ShareKey(REGION, f"m-gone{i}"), error)
+    cache.put(parsed_list(ShareKey(REGION, "m-kept"), 3, times=False, clock=clock))
+    assert len(cache) == 101
+    clock.advance(30)  # negatives expired, the list still fresh-ish; one sweep interval later:
+    cache.get(ShareKey(REGION, "m-other"))
+    assert len(cache) == 1
+    assert cache.total_bytes == cache.get(ShareKey(REGION, "m-kept")).size  # type: ignore[union-attr]
+
+
+def test_message_variants_per_entry_are_bounded_and_accounted() -> None:
+    clock = ManualClock()
+    cache = ShareCache(CachePolicy(), clock=clock)
+    key = ShareKey(REGION, "m-variants")
+    entry = cache.put(parsed_list(key, 500, times=True, clock=clock))
+    assert entry is not None
+    base = cache.total_bytes
+    for size in range(1, 101):
+        cache.messages(entry, size, build_cached_messages(entry, ShareQuery(key, size, False)))
+    assert len(entry.messages) == MAX_MESSAGE_VARIANTS
+    assert cache.total_bytes == entry.size
+    assert cache.total_bytes < base * 2 * (1 + MAX_MESSAGE_VARIANTS)
+
+
+def test_an_error_never_replaces_a_list_that_is_still_served() -> None:
+    clock = ManualClock()
+    cache = ShareCache(
+        CachePolicy(ttl=10, stale_while_revalidate=10, stale_if_error=600), clock=clock
+    )
+    key = ShareKey(REGION, "m-kept")
+    cache.put(parsed_list(key, 3, times=False, clock=clock))
+    gone = UpstreamErrorData("InvalidImageId.NotFound", "gone", 404, "R")
+    assert cache.put_negative(key, gone) is None
+    clock.advance(15)  # stale, revalidating: still served
+    assert cache.put_negative(key, gone) is None
+    clock.advance(10)  # kept only for stale-if-error: a NotFound now wins
+    entry = cache.put_negative(key, gone)
+    assert entry is not None and entry.negative
+    assert cache.freshness(entry) is Freshness.FRESH
+
+
+def test_an_older_read_never_replaces_a_newer_list() -> None:
+    clock = ManualClock()
+    cache = ShareCache(CachePolicy(), clock=clock)
+    key = ShareKey(REGION, "m-order")
+    older = parsed_list(key, 1, times=False, clock=clock)
+    clock.advance(1)
+    newer = parsed_list(key, 2, times=False, clock=clock)
+    cache.put(newer)
+    cache.put(older)
+    entry = cache.get(key)
+    assert entry is not None and entry.shares is newer

@@ -98,7 +98,7 @@ class Settings:
         "1.0 keeps retrying while under half of attempts fail.",
     )
     retry_budget_refill: float = _opt(
-        1.0, "Tokens the retry budget regains per second, on top of what successes put back."
+        2.0, "Tokens the retry budget regains per second, on top of what successes put back."
     )
     connect_timeout: float = _opt(5.0, "Upstream connect timeout, seconds.")
     read_timeout: float = _opt(10.0, "Upstream read timeout per attempt, seconds.")

@@ -36,8 +36,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from imageshare.v1 import image_share_pb2, image_share_pb2_grpc
-from imageshare_server.emulator import EmulatorAdmin
-from imageshare_server.emulator.data import demo_data
+from imageshare_emulator import EmulatorAdmin
+from imageshare_emulator.data import demo_data
 from tests.support.attacks import LIST_PATH, ZeroWindowAttacker
 from tests.support.processes import EmulatorProcess, ServerProcess
 

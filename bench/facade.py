@@ -33,8 +33,8 @@ from alibabacloud_tea_openapi import models as openapi_models
 from floor_server import METHOD, write_messages
 
 from imageshare.v1 import image_share_pb2, image_share_pb2_grpc
-from imageshare_server.emulator import EmulatorAdmin
-from imageshare_server.service import SERVICE_NAME
+from imageshare_emulator import EmulatorAdmin
+from imageshare_server.grpcapi.service import SERVICE_NAME
 from tests.support.processes import DEMO_ENV, EmulatorProcess, Process, ServerProcess, base_env
 
 HERE = Path(__file__).resolve().parent

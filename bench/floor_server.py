@@ -23,7 +23,7 @@ from typing import Any
 
 import grpc
 
-from imageshare_server.service import SERVICE_NAME
+from imageshare_server.grpcapi.service import SERVICE_NAME
 
 METHOD = "ListImageShares"
 

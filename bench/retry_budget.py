@@ -22,7 +22,7 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from imageshare.v1 import image_share_pb2, image_share_pb2_grpc
-from imageshare_server.emulator import EmulatorAdmin
+from imageshare_emulator import EmulatorAdmin
 from tests.support.processes import EmulatorProcess, ServerProcess
 
 REGION = "cn-hangzhou"

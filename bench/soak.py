@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from imageshare.v1 import image_share_pb2, image_share_pb2_grpc  # noqa: E402
-from imageshare_server.emulator import EmulatorAdmin  # noqa: E402
+from imageshare_emulator import EmulatorAdmin  # noqa: E402
 from tests.support.processes import EmulatorProcess, ServerProcess  # noqa: E402
 
 REGION = "cn-hangzhou"

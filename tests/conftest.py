@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from imageshare.v1 import image_share_pb2_grpc
-from imageshare_server.emulator import Emulator, EmulatorAdmin
+from imageshare_emulator import Emulator, EmulatorAdmin
 from tests.support.processes import DEMO_ENV, EmulatorProcess, ServerProcess
 
 

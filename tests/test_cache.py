@@ -13,8 +13,8 @@ import pytest
 from imageshare_server.cache import MAX_MESSAGE_VARIANTS, CachePolicy, Freshness, ShareCache
 from imageshare_server.core.errors import UpstreamApiError, UpstreamErrorData
 from imageshare_server.core.types import ShareKey, ShareList, ShareQuery
-from imageshare_server.ecs.client import parse_page
-from imageshare_server.messages import build_cached_messages
+from imageshare_server.grpcapi.messages import build_cached_messages
+from imageshare_server.upstream.client import parse_page
 from tests.support.clock import ManualClock
 
 REGION = "cn-hangzhou"

@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from imageshare.v1 import image_share_pb2, image_share_pb2_grpc
-from imageshare_server.emulator import EmulatorAdmin
+from imageshare_emulator import EmulatorAdmin
 from tests.support.processes import ServerProcess
 from tests.support.rpc import Request, account_ids, details, list_all, list_error
 

@@ -19,25 +19,29 @@ from pathlib import Path
 import httpx
 import pytest
 
-from imageshare_server.ecs.credentials import Credentials, CredentialsUnavailable
-from imageshare_server.ecs.credentials_chain import (
+from imageshare_emulator import Emulator
+from imageshare_emulator.credentials import CredentialStore
+from imageshare_emulator.metadata import MetadataStandIn
+from imageshare_emulator.sts import StsStandIn
+from imageshare_server.core.credentials import Credentials
+from imageshare_server.core.errors import CredentialsUnavailable
+from imageshare_server.credentials.chain import (
     ChainCredentialsProvider,
     default_credentials_provider,
 )
-from imageshare_server.ecs.imds import DEFAULT_METADATA_ENDPOINT, metadata_endpoint
-from imageshare_server.ecs.profiles import (
+from imageshare_server.credentials.imds import DEFAULT_METADATA_ENDPOINT, metadata_endpoint
+from imageshare_server.credentials.profiles import (
     OidcSpec,
     StaticSpec,
     cli_profile_spec,
     ini_profile_spec,
 )
-from imageshare_server.ecs.refreshing import ExpiringCredentials, RefreshingCredentialsProvider
-from imageshare_server.ecs.signing import sign_v3
-from imageshare_server.ecs.sts import sts_endpoint
-from imageshare_server.emulator import Emulator
-from imageshare_server.emulator.credentials import CredentialStore
-from imageshare_server.emulator.metadata import MetadataStandIn
-from imageshare_server.emulator.sts import StsStandIn
+from imageshare_server.credentials.refreshing import (
+    ExpiringCredentials,
+    RefreshingCredentialsProvider,
+)
+from imageshare_server.credentials.sts import sts_endpoint
+from imageshare_server.upstream.signing import sign_v3
 
 ROLE_ARN = "acs:ram::1234567890123456:role/imageshare-reader"
 PROVIDER_ARN = "acs:ram::1234567890123456:oidc-provider/ack-rrsa-c1234"

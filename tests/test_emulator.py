@@ -22,9 +22,7 @@ from urllib.parse import urlencode
 import httpx
 import pytest
 
-from imageshare_server.ecs import signing
-from imageshare_server.ecs.credentials import Credentials
-from imageshare_server.emulator import (
+from imageshare_emulator import (
     Emulator,
     EmulatorAdmin,
     EmulatorAdminError,
@@ -32,6 +30,8 @@ from imageshare_server.emulator import (
     demo_data,
     load_data,
 )
+from imageshare_server.core.credentials import Credentials
+from imageshare_server.upstream import signing
 
 ACTION = "DescribeImageSharePermission"
 VERSION = "2014-05-26"
@@ -884,7 +884,7 @@ def test_cli_runs_until_sigterm(tmp_path: Path, client: httpx.Client) -> None:
         [
             sys.executable,
             "-m",
-            "imageshare_server.emulator.cli",
+            "imageshare_emulator.cli",
             "--listen",
             "127.0.0.1:0",
             "--data",
@@ -927,7 +927,7 @@ def test_cli_rejects_a_bad_data_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text("not json")
     result = subprocess.run(
-        [sys.executable, "-m", "imageshare_server.emulator.cli", "--data", str(bad)],
+        [sys.executable, "-m", "imageshare_emulator.cli", "--data", str(bad)],
         capture_output=True,
         text=True,
         timeout=30,

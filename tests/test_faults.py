@@ -20,13 +20,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from imageshare.v1 import image_share_pb2, image_share_pb2_grpc
+from imageshare_emulator import EmulatorAdmin
+from imageshare_emulator.data import demo_accounts
+from imageshare_server.core.credentials import Credentials
 from imageshare_server.core.deadline import FixedDeadline
 from imageshare_server.core.errors import DeadlineExceededError
-from imageshare_server.ecs.client import EcsClient
-from imageshare_server.ecs.credentials import Credentials, StaticCredentialsProvider
-from imageshare_server.ecs.endpoints import EndpointResolver
-from imageshare_server.emulator import EmulatorAdmin
-from imageshare_server.emulator.data import demo_accounts
+from imageshare_server.credentials._base import StaticCredentialsProvider
+from imageshare_server.upstream.client import EcsClient
+from imageshare_server.upstream.endpoints import EndpointResolver
 from tests.support.processes import DEMO_ENV, EmulatorProcess, ServerProcess
 from tests.support.rpc import details, list_error
 

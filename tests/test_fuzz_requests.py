@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from imageshare.v1 import image_share_pb2, image_share_pb2_grpc
-from imageshare_server.emulator import EmulatorAdmin
+from imageshare_emulator import EmulatorAdmin
 from tests.support.processes import ServerProcess
 from tests.support.rpc import Request, details
 

@@ -19,12 +19,12 @@ import grpc
 import pytest
 
 from imageshare.v1 import image_share_pb2, image_share_pb2_grpc
+from imageshare_emulator import Emulator
 from imageshare_server.core.deadline import FixedDeadline
 from imageshare_server.core.errors import DeadlineExceededError
 from imageshare_server.core.types import ShareKey, ShareQuery
-from imageshare_server.emulator import Emulator
+from imageshare_server.grpcapi.status import to_status
 from imageshare_server.ratelimit import JITTER_GUARD
-from imageshare_server.status import to_status
 from tests.support.attacks import ZeroWindowAttacker
 from tests.support.clock import ManualClock
 from tests.support.inprocess import InProcessApp, Request, running
@@ -398,7 +398,7 @@ async def test_malformed_request_bytes_are_invalid_argument_counted_and_logged_o
         with pytest.raises(grpc.aio.AioRpcError) as failed:
             _ = [m async for m in raw(b"\xff\xff\xff\xff", timeout=5)]
         assert failed.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-        handled = app.grpc_metric(
+        handled = app.metric(
             "grpc_server_handled_total",
             grpc_type="server_stream",
             grpc_service="imageshare.v1.ImageShareService",

@@ -8,8 +8,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from imageshare.v1 import image_share_pb2, image_share_pb2_grpc
-from imageshare_server.emulator import EmulatorAdmin
-from imageshare_server.emulator.data import demo_accounts
+from imageshare_emulator import EmulatorAdmin
+from imageshare_emulator.data import demo_accounts
 from tests.support.processes import ServerProcess
 from tests.support.rpc import account_ids, list_all, list_error
 

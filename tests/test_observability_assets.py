@@ -26,13 +26,13 @@ import yaml
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
-from imageshare_server.observability import metrics
 from imageshare_server.observability.grpc_metrics import GrpcMetricsInterceptor
 from imageshare_server.observability.logging import (
     JsonFormatter,
     RedactingFilter,
     configure_logging,
 )
+from imageshare_server.observability.metrics import ServiceMetrics
 from imageshare_server.redaction import REDACTED, redact, register_secret
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,7 +59,11 @@ def exported_series() -> dict[str, set[str]]:
     grpc_registry = CollectorRegistry()
     interceptor = GrpcMetricsInterceptor(grpc_registry, log_rpcs=False)
     wrappers: list[MetricWrapperBase] = [
-        *(m for m in vars(metrics).values() if isinstance(m, MetricWrapperBase)),
+        *(
+            m
+            for m in vars(ServiceMetrics.unregistered()).values()
+            if isinstance(m, MetricWrapperBase)
+        ),
         *(m for m in vars(interceptor).values() if isinstance(m, MetricWrapperBase)),
     ]
     series: dict[str, set[str]] = {}

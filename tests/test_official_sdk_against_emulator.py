@@ -22,7 +22,7 @@ from aliyunsdkecs.request.v20140526.DescribeImageSharePermissionRequest import (
     DescribeImageSharePermissionRequest,
 )
 
-from imageshare_server.emulator import Emulator
+from imageshare_emulator import Emulator
 
 KEY_ID = "LTAI5tSdkTestKey"
 SECRET = "sdk-test-secret"

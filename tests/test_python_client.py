@@ -28,7 +28,7 @@ from imageshare_client import (
     RetryPolicy,
     StreamInterruptedError,
 )
-from imageshare_server.emulator import EmulatorAdmin
+from imageshare_emulator import EmulatorAdmin
 from tests.support.processes import ServerProcess
 
 FAST_RETRY = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.05)

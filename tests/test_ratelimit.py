@@ -8,8 +8,8 @@ import pytest
 
 from imageshare_server.core.deadline import FixedDeadline
 from imageshare_server.core.errors import DeadlineExceededError, RateLimitedError
-from imageshare_server.ecs.endpoints import EndpointResolver
 from imageshare_server.ratelimit import JITTER_GUARD, SendWindow, UpstreamRateLimiter
+from imageshare_server.upstream.endpoints import EndpointResolver
 from tests.support.clock import ManualClock
 
 REGION = "cn-hangzhou"

@@ -26,15 +26,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from imageshare.v1 import image_share_pb2, image_share_pb2_grpc
+from imageshare_emulator import EmulatorAdmin
 from imageshare_server.core.deadline import NO_DEADLINE, FixedDeadline
 from imageshare_server.core.errors import RateLimitedError, UpstreamErrorData
 from imageshare_server.core.types import Account, ShareKey, ShareList
-from imageshare_server.emulator import EmulatorAdmin
 from imageshare_server.ratelimit import UpstreamRateLimiter
-from imageshare_server.replicas.lease import Lease, LeaseManager
-from imageshare_server.replicas.link import RedisLink
-from imageshare_server.replicas.ratelimit import RedisRateLimiter
-from imageshare_server.replicas.store import decode, encode, encode_negative
+from imageshare_server.redis_tier.lease import Lease, LeaseManager
+from imageshare_server.redis_tier.link import RedisLink
+from imageshare_server.redis_tier.ratelimit import RedisRateLimiter
+from imageshare_server.redis_tier.store import decode, encode, encode_negative
 from tests.support.processes import ServerProcess
 from tests.support.redis_server import RedisServer
 from tests.support.rpc import Request, Response, account_ids, list_all, list_error

@@ -23,7 +23,7 @@ from google.rpc import error_details_pb2  # noqa: F401 - registers the detail ty
 from grpc_status import rpc_status
 
 from imageshare.v1 import image_share_pb2, image_share_pb2_grpc
-from imageshare_server.emulator import EmulatorAdmin
+from imageshare_emulator import EmulatorAdmin
 from tests.support.processes import DEMO_ENV, ServerProcess
 
 StartServer = Callable[..., ServerProcess]

@@ -19,7 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from imageshare.v1 import image_share_pb2, image_share_pb2_grpc
-from imageshare_server.emulator import EmulatorAdmin
+from imageshare_emulator import EmulatorAdmin
 from tests.support.processes import ServerProcess
 
 StartServer = Callable[..., ServerProcess]

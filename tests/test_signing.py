@@ -15,8 +15,8 @@ from alibabacloud_tea_openapi.utils import get_canonicalized_headers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from imageshare_server.ecs import signing
-from imageshare_server.ecs.credentials import Credentials
+from imageshare_server.core.credentials import Credentials
+from imageshare_server.upstream import signing
 
 
 @dataclass

@@ -24,8 +24,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from imageshare.v1 import image_share_pb2_grpc
-from imageshare_server.emulator import EmulatorAdmin
-from imageshare_server.tls import ReloadingCredentials, TlsConfigError, TlsFiles
+from imageshare_emulator import EmulatorAdmin
+from imageshare_server.grpcapi.tls import ReloadingCredentials, TlsConfigError, TlsFiles
 from tests.support.processes import BIN, DEMO_ENV, ServerProcess, base_env
 from tests.support.rpc import account_ids, list_all
 

@@ -15,17 +15,25 @@ from imageshare_server.core.errors import (
     UpstreamApiError,
     UpstreamTransportError,
 )
-from imageshare_server.core.types import Account, ShareKey, ShareList, SharePage, ShareQuery
-from imageshare_server.ecs.endpoints import EndpointResolver, official_host, region_label
-from imageshare_server.ecs.retry import RetryBudget, RetryPolicy
-from imageshare_server.flight import Flight, FlightOptions, FlightSpec
-from imageshare_server.listing import SnapshotChecker
-from imageshare_server.messages import MessageBuilder, build_cached_messages, hit_suffix
+from imageshare_server.core.types import (
+    Account,
+    CacheStatus,
+    ShareKey,
+    ShareList,
+    SharePage,
+    ShareQuery,
+)
+from imageshare_server.grpcapi.messages import MessageBuilder, build_cached_messages, hit_suffix
+from imageshare_server.grpcapi.status import aip193_reason
+from imageshare_server.listing.flight import Flight, FlightOptions, FlightSpec
+from imageshare_server.listing.snapshot import SnapshotChecker
+from imageshare_server.listing.source import ShareChunk
 from imageshare_server.redaction import redact
-from imageshare_server.source import ShareChunk
-from imageshare_server.status import aip193_reason
+from imageshare_server.upstream.endpoints import EndpointResolver, official_host, region_label
+from imageshare_server.upstream.retry import RetryBudget, RetryPolicy
 
 KEY = ShareKey("cn-hangzhou", "m-unit0001")
+MISS = CacheStatus.MISS
 
 
 def page(ids: list[str], total: int, number: int = 1, groups: tuple[str, ...] = ()) -> SharePage:
@@ -220,8 +228,8 @@ def query(page_size: int) -> ShareQuery:
 def test_messages_regroup_pages_and_carry_groups_once():
     builder = MessageBuilder(query(3))
     chunks = [
-        ShareChunk([Account(str(i)) for i in range(4)], ["all"], 6, ["a"], 1, time.time()),
-        ShareChunk([Account(str(i)) for i in range(4, 6)], ["all"], 6, ["b"], 1, time.time()),
+        ShareChunk([Account(str(i)) for i in range(4)], ["all"], 6, ["a"], MISS, time.time()),
+        ShareChunk([Account(str(i)) for i in range(4, 6)], ["all"], 6, ["b"], MISS, time.time()),
     ]
     out = [m for c in chunks for m in builder.feed(c)] + list(builder.finish())
     assert [len(m.accounts) for m in out] == [3, 3]
@@ -236,7 +244,7 @@ def test_cached_hit_bytes_plus_suffix_parse_as_a_whole_message():
     assert entry is not None
     prebuilt = cache.messages(entry, 5, build_cached_messages(entry, query(5)))
     assert cache.messages(entry, 5, build_cached_messages(entry, query(5))) is prebuilt
-    suffix = hit_suffix(image_share_pb2.CACHE_STATUS_HIT, entry.stored, SYSTEM_CLOCK)
+    suffix = hit_suffix(CacheStatus.HIT, entry.stored, SYSTEM_CLOCK)
     messages = [image_share_pb2.ListImageSharesResponse.FromString(b + suffix) for b in prebuilt]
     assert [len(m.accounts) for m in messages] == [5, 2]
     assert {m.cache_status for m in messages} == {image_share_pb2.CACHE_STATUS_HIT}

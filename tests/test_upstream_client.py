@@ -9,13 +9,13 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
+from imageshare_emulator import Emulator
 from imageshare_server.core.deadline import FixedDeadline, ReadDeadline
 from imageshare_server.core.errors import UpstreamBusyError, UpstreamTransportError
-from imageshare_server.ecs.client import EcsClient, parse_page
-from imageshare_server.ecs.credentials import StaticCredentialsProvider
-from imageshare_server.ecs.endpoints import EndpointResolver
-from imageshare_server.ecs.retry import RetryBudget, RetryPolicy
-from imageshare_server.emulator import Emulator
+from imageshare_server.credentials._base import StaticCredentialsProvider
+from imageshare_server.upstream.client import EcsClient, parse_page
+from imageshare_server.upstream.endpoints import EndpointResolver
+from imageshare_server.upstream.retry import RetryBudget, RetryPolicy
 from tests.support.attacks import wait_for
 from tests.support.clock import ManualClock
 from tests.support.inprocess import DEMO_CREDENTIALS

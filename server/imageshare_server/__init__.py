@@ -1,3 +1,6 @@
 """imageshare server: a gRPC façade over ECS DescribeImageSharePermission."""
 
-__version__ = "0.1.0"
+from importlib.metadata import version
+
+# The one place the version lives is the distribution's metadata (pyproject.toml).
+__version__ = version("imageshare-server")

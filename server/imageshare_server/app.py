@@ -31,30 +31,33 @@ from imageshare_server.config import (
     split_host_port,
 )
 from imageshare_server.core.clock import SYSTEM_CLOCK, Clock
-from imageshare_server.ecs.client import EcsClient, SignatureVersion
-from imageshare_server.ecs.credentials import (
-    DEMO_ACCESS_KEY_ID,
-    DEMO_ACCESS_KEY_SECRET,
+from imageshare_server.credentials import (
     Credentials,
     CredentialsProvider,
     CredentialsUnavailable,
     StaticCredentialsProvider,
+    default_credentials_provider,
 )
-from imageshare_server.ecs.credentials_chain import default_credentials_provider
-from imageshare_server.ecs.endpoints import EndpointResolver
-from imageshare_server.ecs.retry import RetryBudget, RetryPolicy
-from imageshare_server.flight import FlightOptions
-from imageshare_server.healthcheck import DrainingHealthServicer
-from imageshare_server.observability import metrics
+from imageshare_server.grpcapi.health import DrainingHealthServicer
+from imageshare_server.grpcapi.service import (
+    LIST_METHOD,
+    SERVICE_NAME,
+    ImageShareService,
+    add_to_server,
+)
+from imageshare_server.grpcapi.tls import TlsConfigError, server_credentials
+from imageshare_server.listing.flight import FlightOptions
+from imageshare_server.listing.source import SharedShareSource
 from imageshare_server.observability.grpc_metrics import GrpcMetricsInterceptor
 from imageshare_server.observability.logging import configure_logging
+from imageshare_server.observability.metrics import ServiceMetrics
 from imageshare_server.ratelimit import UpstreamRateLimiter
 from imageshare_server.redaction import register_secret
-from imageshare_server.replicas import setup as replicas
-from imageshare_server.replicas.link import RedisLink
-from imageshare_server.service import LIST_METHOD, SERVICE_NAME, ImageShareService, add_to_server
-from imageshare_server.source import SharedShareSource
-from imageshare_server.tls import TlsConfigError, server_credentials
+from imageshare_server.redis_tier import setup as redis_tier
+from imageshare_server.redis_tier.link import RedisLink
+from imageshare_server.upstream.client import EcsClient, SignatureVersion
+from imageshare_server.upstream.endpoints import EndpointResolver
+from imageshare_server.upstream.retry import RetryBudget, RetryPolicy
 
 log = logging.getLogger("imageshare.server")
 
@@ -95,8 +98,6 @@ class Runtime:
 
 async def _credentials(settings: Settings, stack: contextlib.AsyncExitStack) -> CredentialsProvider:
     """The official default chain; resolved once at start so a misconfiguration fails fast."""
-    if settings.emulator:
-        return StaticCredentialsProvider(Credentials(DEMO_ACCESS_KEY_ID, DEMO_ACCESS_KEY_SECRET))
     provider = default_credentials_provider(on_secret=register_secret)
     stack.push_async_callback(provider.aclose)
     try:
@@ -128,21 +129,35 @@ def _bind(server: grpc.aio.Server, settings: Settings) -> int:
     return port
 
 
-def _start_emulator(settings: Settings, stack: contextlib.AsyncExitStack) -> Settings:
-    if not settings.emulator:
-        return settings
+def _start_emulator(
+    settings: Settings, stack: contextlib.AsyncExitStack
+) -> tuple[Settings, CredentialsProvider]:
+    """The embedded emulator as the upstream, with its demo credentials.
+
+    The emulator is a distribution of its own (``imageshare-emulator``): the
+    server's wheel and image do not carry it, or its demo AccessKey.
+    """
     if settings.upstream_endpoint:
         raise StartupError("--emulator and --upstream-endpoint exclude each other")
-    # Imported here: a production process never loads the emulator.
-    from imageshare_server.emulator import Emulator  # noqa: PLC0415
-
+    try:
+        from imageshare_emulator import (  # noqa: PLC0415
+            DEMO_ACCESS_KEY_ID,
+            DEMO_ACCESS_KEY_SECRET,
+            Emulator,
+        )
+    except ImportError:
+        raise StartupError(
+            "--emulator needs the imageshare-emulator package, which is not installed "
+            "(pip install ./emulator from the source tree)"
+        ) from None
     emulator = Emulator(
         host="127.0.0.1", port=0, credentials={DEMO_ACCESS_KEY_ID: DEMO_ACCESS_KEY_SECRET}
     )
     emulator.start()
     stack.callback(emulator.stop)
     log.info("embedded ECS emulator started", extra={"event": "emulator", "url": emulator.url})
-    return replace(settings, upstream_endpoint=emulator.url)
+    demo = StaticCredentialsProvider(Credentials(DEMO_ACCESS_KEY_ID, DEMO_ACCESS_KEY_SECRET))
+    return replace(settings, upstream_endpoint=emulator.url), demo
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -174,13 +189,14 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
 
 def build_source(
     settings: Settings,
+    *,
     http: httpx.AsyncClient,
     credentials: CredentialsProvider,
     endpoints: EndpointResolver,
-    redis: RedisLink | None = None,
-    *,
-    local_limiter: UpstreamRateLimiter | None = None,
-    clock: Clock = SYSTEM_CLOCK,
+    limiter: UpstreamRateLimiter,
+    redis: RedisLink | None,
+    clock: Clock,
+    metrics: ServiceMetrics,
 ) -> SharedShareSource:
     """The upstream client with its protections, behind the cache and single-flight.
 
@@ -188,9 +204,16 @@ def build_source(
     shared by every replica, each falling back to the in-process one.
     """
     signature: SignatureVersion = "v1" if settings.signature_version == "v1" else "v3"
-    if local_limiter is None:
-        local_limiter = UpstreamRateLimiter(
-            settings.upstream_qps, settings.upstream_burst, buckets=endpoints.bucket, clock=clock
+    shared_limiter = None
+    if redis is not None:
+        shared_limiter = redis_tier.limiter(
+            settings,
+            redis,
+            credentials,
+            limiter,
+            buckets=endpoints.bucket,
+            clock=clock,
+            metrics=metrics,
         )
     client = EcsClient(
         http,
@@ -205,14 +228,11 @@ def build_source(
             refill_per_second=settings.retry_budget_refill,
             clock=clock,
         ),
-        limiter=local_limiter
-        if redis is None
-        else replicas.limiter(
-            settings, redis, credentials, local_limiter, buckets=endpoints.bucket, clock=clock
-        ),
+        limiter=shared_limiter or limiter,
         max_in_flight=settings.upstream_max_in_flight,
         max_response_bytes=settings.upstream_max_response_bytes,
         clock=clock,
+        metrics=metrics,
     )
     cache = ShareCache(
         CachePolicy(
@@ -224,6 +244,7 @@ def build_source(
             max_bytes=settings.cache_max_bytes,
         ),
         clock=clock,
+        metrics=metrics,
     )
     options = FlightOptions(
         page_size=settings.upstream_page_size,
@@ -232,13 +253,17 @@ def build_source(
         upstream_qps=settings.upstream_qps,
         upstream_burst=settings.upstream_burst,
     )
+    shared = None
+    if redis is not None:
+        shared = redis_tier.tier(settings, redis, cache.policy, clock, metrics)
     return SharedShareSource(
         client,
         cache,
         options,
-        shared=None if redis is None else replicas.tier(settings, redis, cache.policy, clock),
+        shared=shared,
         max_orphan_reads=settings.max_orphan_reads,
         clock=clock,
+        metrics=metrics,
     )
 
 
@@ -251,8 +276,9 @@ async def start(
 ) -> Runtime:
     """Bind, wire and start everything; returns once health says SERVING.
 
-    Whatever was started is stopped again if a later step fails. Tests pass
-    their own ``registry`` (the gRPC metrics), ``clock`` and ``credentials``.
+    Whatever was started is stopped again if a later step fails. Every metric
+    goes to ``registry``; tests pass a fresh one, and their own ``clock`` and
+    ``credentials``.
     """
     stack = contextlib.AsyncExitStack()
     try:
@@ -269,7 +295,9 @@ async def _start(
     clock: Clock,
     credentials: CredentialsProvider | None,
 ) -> Runtime:
-    settings = _start_emulator(settings, stack)
+    if settings.emulator:
+        settings, demo = _start_emulator(settings, stack)
+        credentials = credentials or demo
     if credentials is None:
         credentials = await _credentials(settings, stack)
     endpoints = EndpointResolver(
@@ -286,12 +314,24 @@ async def _start(
         headers={"user-agent": f"imageshare/{__version__}"},
     )
     stack.push_async_callback(http.aclose)
-    redis = await replicas.connect(settings, stack)
+    metrics = ServiceMetrics(registry)
+    redis = await redis_tier.connect(settings, stack, metrics)
     limiter = UpstreamRateLimiter(
-        settings.upstream_qps, settings.upstream_burst, buckets=endpoints.bucket, clock=clock
+        settings.upstream_qps,
+        settings.upstream_burst,
+        buckets=endpoints.bucket,
+        clock=clock,
+        metrics=metrics,
     )
     source = build_source(
-        settings, http, credentials, endpoints, redis, local_limiter=limiter, clock=clock
+        settings,
+        http=http,
+        credentials=credentials,
+        endpoints=endpoints,
+        limiter=limiter,
+        redis=redis,
+        clock=clock,
+        metrics=metrics,
     )
 
     interceptor = GrpcMetricsInterceptor(registry)
@@ -338,7 +378,7 @@ async def _start(
     if settings.metrics_listen:
         host, port = split_host_port(settings.metrics_listen)
         loop = asyncio.get_running_loop()
-        metrics.ASYNCIO_TASKS.set_function(lambda: len(asyncio.all_tasks(loop)))
+        metrics.asyncio_tasks.set_function(lambda: len(asyncio.all_tasks(loop)))
         metrics_server, _ = start_http_server(port, addr=host or "0.0.0.0", registry=registry)
         runtime.metrics_port = metrics_server.server_port
         stack.callback(metrics_server.shutdown)

@@ -15,14 +15,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client import CollectorRegistry
 
 from imageshare.v1 import image_share_pb2, image_share_pb2_grpc
+from imageshare_emulator import Emulator
 from imageshare_server import app
 from imageshare_server.config import parse_settings
 from imageshare_server.core.clock import SYSTEM_CLOCK, Clock
-from imageshare_server.ecs.credentials import Credentials, StaticCredentialsProvider
-from imageshare_server.emulator import Emulator
+from imageshare_server.core.credentials import Credentials
+from imageshare_server.credentials._base import StaticCredentialsProvider
 from tests.support.processes import DEMO_ENV
 from tests.support.rpc import Details, details
 
@@ -99,14 +100,9 @@ class InProcessApp:
             return details(exc)
         raise AssertionError("the call succeeded")
 
-    def grpc_metric(self, name: str, **labels: str) -> float:
-        """A sample of this app's own registry (the gRPC server metrics)."""
+    def metric(self, name: str, **labels: str) -> float:
+        """A sample of this app's own registry (every metric it exports)."""
         return self.registry.get_sample_value(name, labels) or 0.0
-
-    @staticmethod
-    def metric(name: str, **labels: str) -> float:
-        """A sample of the process-wide service metrics (compare before and after)."""
-        return REGISTRY.get_sample_value(name, labels) or 0.0
 
     def upstream_calls(self, image_id: str | None = None) -> int:
         counters = self.emulator.knobs.counters()

@@ -18,7 +18,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-SERVICE_NAME = "imageshare.v1.ImageShareService"
+from imageshare.v1 import image_share_pb2
+
+SERVICE_NAME = image_share_pb2.DESCRIPTOR.services_by_name["ImageShareService"].full_name
 
 # Large listings are streamed in chunks of at most 100 accounts, so 4 MiB is plenty; the limit
 # is explicit so that a misbehaving peer cannot make the client buffer arbitrary amounts.

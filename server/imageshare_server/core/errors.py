@@ -266,5 +266,9 @@ class StreamStalledError(ImageShareError):
         super().__init__(f"the caller read nothing for {seconds:g}s; the stream was ended")
 
 
+class CredentialsUnavailable(ImageShareError):
+    """No provider in the credentials chain could supply credentials."""
+
+
 class MalformedRequestError(ImageShareError):
     """The request bytes are not a valid protobuf message."""

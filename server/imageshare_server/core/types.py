@@ -6,8 +6,19 @@ Plain frozen dataclasses with no transport in them, shared by every layer
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from datetime import datetime
+
+
+class CacheStatus(enum.Enum):
+    """Where an answer comes from; the gRPC layer maps it to the proto's enum."""
+
+    MISS = "miss"  # read from the upstream for this call
+    HIT = "hit"  # a fresh cache entry
+    STALE = "stale"  # an old entry: revalidating, or because a read failed
+    BYPASS = "bypass"  # read from the upstream because the caller asked
+    COALESCED = "coalesced"  # joined a read another caller started
 
 
 @dataclass(frozen=True, slots=True)

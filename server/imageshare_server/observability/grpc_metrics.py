@@ -26,7 +26,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
-from typing import Any
+from typing import Any, Protocol, TypeAlias
 
 import grpc
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
@@ -76,6 +76,20 @@ _DEADLINE_SLACK_SECONDS = 0.01
 
 _LABELS = ("grpc_type", "grpc_service", "grpc_method")
 
+Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+
+
+class _StatusSource(Protocol):
+    """What the final code is read from: an asyncio context, or a sync one's proxy."""
+
+    def code(self) -> grpc.StatusCode | None: ...
+
+    def time_remaining(self) -> float | None: ...
+
+    def peer(self) -> str: ...
+
+
 _RPC_LOGGER = logging.getLogger("imageshare.rpc")
 
 
@@ -84,7 +98,7 @@ def _split_method(full_method: str) -> tuple[str, str]:
     return service or "unknown", method or "unknown"
 
 
-def _grpc_type(handler: grpc.RpcMethodHandler) -> str:
+def _grpc_type(handler: Handler) -> str:
     if handler.request_streaming and handler.response_streaming:
         return "bidi_stream"
     if handler.request_streaming:
@@ -132,7 +146,7 @@ class _Call:
         self.sent += 1
         self._sent.inc()
 
-    def finish(self, context: grpc.aio.ServicerContext, exc: BaseException | None) -> None:
+    def finish(self, context: _StatusSource, exc: BaseException | None) -> None:
         if self._finished:
             return
         self._finished = True
@@ -145,7 +159,7 @@ class _Call:
             interceptor.log_call(self, context, code, duration)
 
 
-def _final_code(context: grpc.aio.ServicerContext, exc: BaseException | None) -> str:
+def _final_code(context: _StatusSource, exc: BaseException | None) -> str:
     """The status the client gets, as grpc.aio decides it after the handler returns."""
     if isinstance(exc, asyncio.CancelledError):
         remaining = context.time_remaining()
@@ -167,7 +181,7 @@ class _ContextProxy:
 
     __slots__ = ("_call", "_context")
 
-    def __init__(self, context: grpc.aio.ServicerContext, call: _Call) -> None:
+    def __init__(self, context: Context, call: _Call) -> None:
         self._context = context
         self._call = call
 
@@ -208,7 +222,7 @@ class _CountingIterator:
         return message
 
 
-class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
     """Count, time and log every RPC the server hands to a handler.
 
     Create one per registry (the metrics are registered in the constructor).
@@ -283,18 +297,16 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
         labels = (_grpc_type(handler), *_split_method(handler_call_details.method))
         return self._wrap(handler, labels)
 
-    def log_call(
-        self, call: _Call, context: grpc.aio.ServicerContext, code: str, duration: float
-    ) -> None:
+    def log_call(self, call: _Call, context: _StatusSource, code: str, duration: float) -> None:
         _, service, method = call.labels
         if service in self._quiet_services:
             level = logging.DEBUG
@@ -322,27 +334,29 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             line.setdefault(key, value)
         self._logger.log(level, "rpc", extra={"fields": line})
 
-    def _wrap(
-        self, handler: grpc.RpcMethodHandler, labels: tuple[str, str, str]
-    ) -> grpc.RpcMethodHandler:
+    def _wrap(self, handler: Handler, labels: tuple[str, str, str]) -> Handler:
         if handler.request_streaming and handler.response_streaming:
+            assert handler.stream_stream is not None
             return grpc.stream_stream_rpc_method_handler(
                 self._streaming_response(handler.stream_stream, labels, streaming_request=True),
                 handler.request_deserializer,
                 handler.response_serializer,
             )
         if handler.request_streaming:
+            assert handler.stream_unary is not None
             return grpc.stream_unary_rpc_method_handler(
                 self._unary_response(handler.stream_unary, labels, streaming_request=True),
                 handler.request_deserializer,
                 handler.response_serializer,
             )
         if handler.response_streaming:
+            assert handler.unary_stream is not None
             return grpc.unary_stream_rpc_method_handler(
                 self._streaming_response(handler.unary_stream, labels, streaming_request=False),
                 handler.request_deserializer,
                 handler.response_serializer,
             )
+        assert handler.unary_unary is not None
         return grpc.unary_unary_rpc_method_handler(
             self._unary_response(handler.unary_unary, labels, streaming_request=False),
             handler.request_deserializer,
@@ -355,11 +369,11 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         labels: tuple[str, str, str],
         *,
         streaming_request: bool,
-    ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+    ) -> Callable[[Any, Context], Awaitable[Any]]:
         if not inspect.iscoroutinefunction(behavior):
             return self._sync(behavior, labels, streaming_request=streaming_request)
 
-        async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def handle(request: Any, context: Context) -> Any:
             with self._accounted(labels, context, request, streaming_request) as (call, counted):
                 response = await behavior(counted, _ContextProxy(context, call))
                 code = context.code()
@@ -375,7 +389,7 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         labels: tuple[str, str, str],
         *,
         streaming_request: bool,
-    ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]]:
+    ) -> Callable[[Any, Context], Awaitable[None]]:
         # Async generators are driven here with context.write() rather than
         # handed back to grpc.aio: a cancellation then surfaces in this
         # coroutine (not later, in the generator's finaliser), and the
@@ -384,7 +398,7 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if not is_generator and not inspect.iscoroutinefunction(behavior):
             return self._sync(behavior, labels, streaming_request=streaming_request)
 
-        async def handle(request: Any, context: grpc.aio.ServicerContext) -> None:
+        async def handle(request: Any, context: Context) -> None:
             with self._accounted(labels, context, request, streaming_request) as (call, counted):
                 proxy = _ContextProxy(context, call)
                 if not is_generator:
@@ -404,7 +418,7 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def _accounted(
         self,
         labels: tuple[str, str, str],
-        context: grpc.aio.ServicerContext,
+        context: Context,
         request: Any,
         streaming_request: bool,
     ) -> Iterator[tuple[_Call, Any]]:

@@ -1,1 +1,0 @@
-"""The upstream ECS OpenAPI client: signing, endpoints, credentials, transport."""

@@ -1,0 +1,140 @@
+"""Turn share chunks into response messages of the caller's page size.
+
+Upstream pages and response messages are independent: a message may take
+accounts from two upstream pages, and one upstream page may fill several
+messages.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import TypeAlias
+
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from imageshare.v1 import image_share_pb2
+from imageshare_server.cache import CacheEntry
+from imageshare_server.core.clock import Clock
+from imageshare_server.core.types import Account, CacheStatus, ShareQuery
+from imageshare_server.listing.source import ShareChunk
+
+Response = image_share_pb2.ListImageSharesResponse
+ProtoCacheStatus: TypeAlias = image_share_pb2.CacheStatus.ValueType
+PROTO_CACHE_STATUS: dict[CacheStatus | None, ProtoCacheStatus] = {
+    None: image_share_pb2.CACHE_STATUS_UNSPECIFIED,
+    CacheStatus.MISS: image_share_pb2.CACHE_STATUS_MISS,
+    CacheStatus.HIT: image_share_pb2.CACHE_STATUS_HIT,
+    CacheStatus.STALE: image_share_pb2.CACHE_STATUS_STALE,
+    CacheStatus.BYPASS: image_share_pb2.CACHE_STATUS_BYPASS,
+    CacheStatus.COALESCED: image_share_pb2.CACHE_STATUS_COALESCED,
+}
+_CACHED = (CacheStatus.HIT, CacheStatus.STALE)
+
+
+def build_cached_messages(entry: CacheEntry, query: ShareQuery) -> Callable[[], list[bytes]]:
+    """How to build the serialized messages of a cached list at ``query.page_size``.
+
+    They lack only ``cache_status`` and ``cache_age``; ``hit_suffix`` supplies
+    those per call. Appending a serialized message to another merges them
+    (protobuf's wire format), so a hit costs one small serialization. The
+    cache keeps what this builds (``ShareCache.messages``).
+    """
+
+    def build() -> list[bytes]:
+        shares = entry.shares
+        assert shares is not None
+        builder = MessageBuilder(query)
+        chunk = ShareChunk(
+            accounts=shares.accounts,
+            share_groups=shares.share_groups,
+            total_count=shares.total_count,
+            request_ids=(),
+            cache_status=None,
+            read_time=shares.read_time,
+        )
+        built = [*builder.feed(chunk), *builder.finish()]
+        return [m.SerializeToString() for m in built]
+
+    return build
+
+
+def hit_suffix(status: CacheStatus, stored_monotonic: float, clock: Clock) -> bytes:
+    message = Response(cache_status=PROTO_CACHE_STATUS[status])
+    age = max(0, int((clock.monotonic() - stored_monotonic) * 1e9))
+    message.cache_age.FromNanoseconds(age)
+    return message.SerializeToString()
+
+
+def account_message(account: Account) -> image_share_pb2.SharedAccount:
+    message = image_share_pb2.SharedAccount(aliyun_id=account.aliyun_id)
+    if account.shared_time is not None:
+        message.shared_time.FromDatetime(account.shared_time)
+    return message
+
+
+class MessageBuilder:
+    """Accumulates chunks, emits full messages; ``finish`` sends the rest (>= 1 message)."""
+
+    def __init__(self, query: ShareQuery) -> None:
+        self._query = query
+        self._pending: list[image_share_pb2.SharedAccount] = []
+        self._request_ids: list[str] = []
+        self._groups: list[str] | None = None
+        self._total = 0
+        self._status: CacheStatus | None = None
+        self._read_time = 0.0
+        self._sent = 0
+
+    @property
+    def messages_sent(self) -> int:
+        return self._sent
+
+    def feed(self, chunk: ShareChunk) -> Iterator[Response]:
+        if self._groups is None:
+            self._groups = list(chunk.share_groups)
+            self._status = chunk.cache_status
+            self._read_time = chunk.read_time
+        self._total = chunk.total_count
+        self._request_ids.extend(chunk.request_ids)
+        self._pending.extend(account_message(a) for a in chunk.accounts)
+        size = self._query.page_size
+        while len(self._pending) >= size:
+            batch, self._pending = self._pending[:size], self._pending[size:]
+            yield self._message(batch)
+
+    def finish(self) -> Iterator[Response]:
+        if self._pending or self._sent == 0:
+            batch, self._pending = self._pending, []
+            yield self._message(batch)
+
+    def _message(self, accounts: list[image_share_pb2.SharedAccount]) -> Response:
+        message = Response(
+            accounts=accounts,
+            total_count=self._total,
+            region_id=self._query.key.region_id,
+            image_id=self._query.key.image_id,
+            upstream_request_ids=self._request_ids,
+            cache_status=PROTO_CACHE_STATUS[self._status],
+        )
+        self._request_ids = []
+        if self._sent == 0 and self._groups:
+            message.share_groups.extend(image_share_pb2.ShareGroup(group=g) for g in self._groups)
+        if self._read_time:
+            message.read_time.CopyFrom(_timestamp(self._read_time))
+            if self._status in _CACHED:
+                message.cache_age.CopyFrom(_age(self._read_time))
+        self._sent += 1
+        return message
+
+
+def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def _age(read_time: float) -> duration_pb2.Duration:
+    age = duration_pb2.Duration()
+    age.FromNanoseconds(max(0, int((time.time() - read_time) * 1e9)))
+    return age

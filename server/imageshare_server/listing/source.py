@@ -1,0 +1,335 @@
+"""Where the service gets share lists from: the cache, a read in flight, or a new read.
+
+The gRPC layer consumes a ``ShareSource``: an async stream of ``ShareChunk``
+for a validated query. ``SharedShareSource`` puts the cache in front of
+single-flight upstream reads:
+
+* fresh entry: served (HIT); an image that does not exist is cached briefly too.
+* stale entry within stale-while-revalidate: served (STALE) while one
+  background refresh runs.
+* older entry within stale-if-error: a read is made; if it fails with a
+  transient error before anything was sent, or the caller's deadline comes
+  before it ends, the old list is served (STALE).
+* otherwise, or with ``bypass_cache``: follow the read in flight for the key
+  (COALESCED) or start one (MISS / BYPASS). The result refreshes the entry.
+
+A read whose callers have all gone goes on only as a cache fill, and only
+``max_orphan_reads`` of those at a time (background refreshes included):
+the rest are cancelled, so callers who give up cannot keep spending quota.
+
+With a ``SharedTier`` (Redis, see ``replicas``) the in-process cache is a
+small L1: when it has no fresh entry, a newer list stored by any replica is
+looked up first, and reads are coordinated across replicas through the
+tier's ``ReadStrategy``. Without one the behaviour is exactly the
+in-process one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from imageshare_server.cache import CacheEntry, Freshness, ShareCache
+from imageshare_server.core.clock import SYSTEM_CLOCK, Clock
+from imageshare_server.core.errors import (
+    DeadlineExceededError,
+    ImageShareError,
+    UpstreamApiError,
+    UpstreamErrorData,
+)
+from imageshare_server.core.types import Account, CacheStatus, ShareKey, ShareList, ShareQuery
+from imageshare_server.listing.flight import (
+    UPSTREAM_ONLY,
+    Flight,
+    FlightOptions,
+    FlightSpec,
+    PageReader,
+    ReadStrategy,
+)
+from imageshare_server.observability.metrics import ServiceMetrics
+
+log = logging.getLogger(__name__)
+
+# A read needs at least this long: a caller with less left (or none) is told
+# DEADLINE_EXCEEDED at once instead of starting a read that cannot finish.
+MIN_READ_SECONDS = 0.01
+# A caller stops waiting for a read this much before its deadline (at most a
+# fifth of its time), so what it gets instead (a list to fall back on, or a
+# status with details) still reaches it before the deadline does.
+MARGIN_SECONDS = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class ShareChunk:
+    """A run of accounts in upstream order; the first chunk of a stream carries the groups.
+
+    A chunk served from the cache also carries its ``entry``, whose
+    prebuilt messages spare the hit any message building.
+    """
+
+    accounts: Sequence[Account]
+    share_groups: Sequence[str]
+    total_count: int
+    request_ids: Sequence[str]
+    cache_status: CacheStatus | None  # None: not yet known (a list being built)
+    read_time: float
+    entry: CacheEntry | None = None
+
+
+class ShareSource(Protocol):
+    def stream(
+        self, query: ShareQuery, *, deadline: float | None, caller: str = ""
+    ) -> AsyncIterator[ShareChunk]:
+        """Yield the share list of ``query.key`` in order.
+
+        ``deadline`` is ``Clock.monotonic()``; ``caller`` says who asks (callers
+        take turns for the upstream quota).
+        """
+        ...
+
+    def prebuilt(
+        self, entry: CacheEntry, page_size: int, build: Callable[[], list[bytes]]
+    ) -> list[bytes]:
+        """The serialized messages of a cached list at ``page_size`` (built once, then kept)."""
+        ...
+
+
+class SharedTier(Protocol):
+    """A cache and read coordination shared by every replica (the Redis tier)."""
+
+    @property
+    def strategy(self) -> ReadStrategy:
+        """How flights read: taking another replica's result, or leading the read."""
+        ...
+
+    async def lookup(self, key: ShareKey) -> ShareList | UpstreamErrorData | None:
+        """What any replica stored for ``key``; None when nothing (or the tier is away)."""
+        ...
+
+
+def _transient(error: BaseException) -> bool:
+    return isinstance(error, ImageShareError) and error.transient
+
+
+class SharedShareSource:
+    def __init__(
+        self,
+        client: PageReader,
+        cache: ShareCache,
+        options: FlightOptions,
+        *,
+        shared: SharedTier | None = None,
+        max_orphan_reads: int = 8,
+        clock: Clock = SYSTEM_CLOCK,
+        metrics: ServiceMetrics | None = None,
+    ) -> None:
+        self._metrics = metrics or ServiceMetrics.unregistered()
+        self._client = client
+        # Shared lists need the cache's windows; with the cache off, Redis only limits the rate.
+        self._shared = shared if cache.policy.enabled else None
+        self._strategy = self._shared.strategy if self._shared is not None else UPSTREAM_ONLY
+        self._cache = cache
+        self._options = options
+        self._max_orphans = max_orphan_reads
+        self._clock = clock
+        self._flights: dict[ShareKey, Flight] = {}
+        self._orphans: set[Flight] = set()
+
+    def prebuilt(
+        self, entry: CacheEntry, page_size: int, build: Callable[[], list[bytes]]
+    ) -> list[bytes]:
+        return self._cache.messages(entry, page_size, build)
+
+    @property
+    def flights(self) -> int:
+        return len(self._flights)
+
+    @property
+    def orphans(self) -> int:
+        return len(self._orphans)
+
+    def _flight(self, spec: FlightSpec) -> tuple[Flight, bool]:
+        """The read in flight for ``spec.key`` (joined: True) or a new one."""
+        flight = self._flights.get(spec.key)
+        if flight is not None:
+            self._orphans.discard(flight)
+            return flight, True
+        flight = Flight(
+            self._client,
+            spec,
+            self._options,
+            strategy=self._strategy,
+            outlives_callers=self._cache.policy.enabled,
+            clock=self._clock,
+            metrics=self._metrics,
+        )
+        self._flights[spec.key] = flight
+        flight.start(self._landed, self._orphaned)
+        return flight, False
+
+    def _orphaned(self, flight: Flight) -> None:
+        """The last follower left: go on as a cache fill if there is room, else stop."""
+        if self._cache.policy.enabled and len(self._orphans) < self._max_orphans:
+            self._orphans.add(flight)
+            return
+        self._metrics.orphan_reads_cancelled.inc()
+        flight.cancel()
+
+    def _landed(self, flight: Flight) -> None:
+        if self._flights.get(flight.key) is flight:
+            del self._flights[flight.key]
+        self._orphans.discard(flight)
+        if flight.page_size != self._options.page_size:
+            # Remember the page size the upstream accepted for later flights.
+            self._options = dataclasses.replace(self._options, page_size=flight.page_size)
+        if flight.result is not None:
+            self._cache.put(flight.result)
+        elif isinstance(flight.error, UpstreamApiError) and flight.error.is_image_not_found:
+            self._cache.put_negative(flight.key, flight.error.data())
+
+    def refresh_in_background(self, entry: CacheEntry) -> None:
+        """Refresh a stale entry with a read nobody waits for, if an orphan slot is free."""
+        if entry.key in self._flights or len(self._orphans) >= self._max_orphans:
+            return
+        shares = entry.shares
+        spec = FlightSpec(
+            entry.key,
+            expected_total=shares.total_count if shares is not None else None,
+            newer_than=shares.read_time if shares is not None else 0.0,
+        )
+        flight, _ = self._flight(spec)
+        self._orphans.add(flight)
+
+    async def _lookup(self, key: ShareKey) -> CacheEntry | None:
+        """L1, then the shared tier when L1 has nothing fresh; a newer shared list goes into L1."""
+        entry = self._cache.get(key)
+        if self._shared is None or (
+            entry is not None and self._cache.freshness(entry) is Freshness.FRESH
+        ):
+            return entry
+        stored = await self._shared.lookup(key)
+        if stored is None:
+            return entry
+        if isinstance(stored, UpstreamErrorData):
+            return self._cache.put_negative(key, stored) if entry is None else entry
+        if (
+            entry is not None
+            and entry.shares is not None
+            and stored.read_time <= entry.shares.read_time
+        ):
+            return entry
+        return self._cache.put(stored) or entry
+
+    async def stream(
+        self, query: ShareQuery, *, deadline: float | None, caller: str = ""
+    ) -> AsyncIterator[ShareChunk]:
+        key = query.key
+        fallback: CacheEntry | None = None
+        if not query.bypass_cache:
+            entry = await self._lookup(key)
+            if entry is not None:
+                if entry.error is not None:
+                    self._metrics.cache_requests.labels("negative_hit").inc()
+                    raise UpstreamApiError.from_data(entry.error)
+                freshness = self._cache.freshness(entry)
+                if freshness is Freshness.FRESH:
+                    self._metrics.cache_requests.labels("hit").inc()
+                    yield _cached_chunk(entry, CacheStatus.HIT)
+                    return
+                if freshness is Freshness.STALE:
+                    self._metrics.cache_requests.labels("stale").inc()
+                    self._metrics.cache_stale_serves.labels("revalidating").inc()
+                    self.refresh_in_background(entry)
+                    yield _cached_chunk(entry, CacheStatus.STALE)
+                    return
+                fallback = entry
+        now = self._clock.monotonic()
+        if deadline is not None and deadline - now < MIN_READ_SECONDS:
+            if fallback is None:
+                raise DeadlineExceededError("the caller's deadline leaves no time to read the list")
+            yield self._stale(fallback, "deadline")
+            return
+        shares = fallback.shares if fallback is not None else None
+        spec = FlightSpec(
+            key,
+            expected_total=shares.total_count if shares is not None else None,
+            newer_than=(
+                self._clock.time()
+                if query.bypass_cache
+                else shares.read_time
+                if shares is not None
+                else 0.0
+            ),
+        )
+        flight, joined = self._flight(spec)
+        if query.bypass_cache:
+            status = CacheStatus.BYPASS
+            self._metrics.cache_requests.labels("bypass").inc()
+        elif joined:
+            status = CacheStatus.COALESCED
+            self._metrics.cache_requests.labels("coalesced").inc()
+            self._metrics.coalesced_waits.inc()
+        else:
+            status = CacheStatus.MISS
+            self._metrics.cache_requests.labels("miss").inc()
+        follow_until = None
+        if deadline is not None:
+            follow_until = deadline - min(MARGIN_SECONDS, (deadline - now) / 5)
+        pages = flight.follow(follow_until, caller)
+        sent = False
+        try:
+            while True:
+                try:
+                    if follow_until is None or sent:
+                        page = await anext(pages)
+                    else:
+                        async with asyncio.timeout(follow_until - self._clock.monotonic()):
+                            page = await anext(pages)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    if fallback is None:
+                        raise flight.stuck_error() from None
+                    yield self._stale(fallback, "deadline")
+                    return
+                sent = True
+                yield ShareChunk(
+                    accounts=page.accounts,
+                    share_groups=page.share_groups,
+                    total_count=page.total_count,
+                    request_ids=(page.request_id,) if page.request_id else (),
+                    cache_status=status,
+                    read_time=flight.read_time,
+                )
+        except Exception as exc:
+            if sent or fallback is None or not _transient(exc):
+                raise
+            log.warning(
+                "upstream read failed or ran out of time; serving the last good list",
+                extra={"event": "stale_if_error", "error": str(exc)},
+            )
+            yield self._stale(fallback, "upstream_error")
+        finally:
+            await pages.aclose()
+
+    def _stale(self, entry: CacheEntry, reason: str) -> ShareChunk:
+        self._metrics.cache_stale_serves.labels(reason).inc()
+        return _cached_chunk(entry, CacheStatus.STALE)
+
+
+def _cached_chunk(entry: CacheEntry, status: CacheStatus) -> ShareChunk:
+    shares = entry.shares
+    assert shares is not None
+    return ShareChunk(
+        accounts=shares.accounts,
+        share_groups=shares.share_groups,
+        total_count=shares.total_count,
+        request_ids=(),
+        cache_status=status,
+        read_time=shares.read_time,
+        entry=entry,
+    )

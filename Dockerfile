@@ -23,18 +23,20 @@ ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /src
 
-# Dependencies first, from the lock only, so this layer survives source edits. Every
-# runtime dependency ships as a manylinux wheel: no compiler is needed or installed.
-COPY requirements.lock ./
-RUN pip install --no-cache-dir --only-binary=:all: -r requirements.lock
+# Dependencies first, from the hash-checked lock only, so this layer survives source edits.
+# Every runtime dependency ships as a manylinux wheel: no compiler is needed or installed.
+COPY requirements/runtime.lock ./requirements/
+RUN pip install --no-cache-dir --only-binary=:all: --require-hashes --no-deps \
+        -r requirements/runtime.lock
 
-# The project itself, with --no-deps so nothing outside the lock can slip in. pip
+# The server and the client distribution (its generated stubs), with --no-deps so nothing
+# outside the lock can slip in; the emulator and the tests never enter the image. pip
 # byte-compiles on install, so the read-only runtime image starts without writing .pyc
 # files; pip itself is then removed from the venv because nothing at runtime installs.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY server ./server
 COPY clients/python ./clients/python
-RUN pip install --no-cache-dir --no-deps /src \
+RUN pip install --no-cache-dir --no-deps ./clients/python . \
     && pip uninstall --yes pip
 
 FROM ${PYTHON_IMAGE} AS runtime

@@ -1,18 +1,23 @@
 # The two commands a newcomer needs: `make run` and `make test`.
-# Both create .venv and install the project (with dev extras) when missing.
+# Both create .venv and install the locked development environment when missing.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 LISTEN ?= 127.0.0.1:50051
 METRICS_LISTEN ?= 127.0.0.1:9464
+PACKAGES := pyproject.toml clients/python/pyproject.toml emulator/pyproject.toml
 
-.PHONY: run test check lint format typecheck proto proto-check pytest emulator lock readme callers bench clean
+.PHONY: run test bootstrap check lint format typecheck proto proto-check pytest emulator lock \
+	readme callers bench clean
 
-$(STAMP): pyproject.toml requirements.lock
+# Third-party packages come only from the hash-checked lock; the three distributions of
+# this repository are then installed editable, without dependencies of their own.
+$(STAMP): $(PACKAGES) requirements/dev.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c requirements.lock -e '.[dev]'
+	$(BIN)/python -m pip install -q --require-hashes --no-deps -r requirements/dev.lock
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation \
+		-e ./clients/python -e . -e ./emulator
 	touch $@
 
 ## run: start the server on the embedded ECS emulator at 127.0.0.1:50051
@@ -23,8 +28,12 @@ run: $(STAMP)
 emulator: $(STAMP)
 	$(BIN)/imageshare-emulator --listen 127.0.0.1:8080
 
-## test: every check CI runs: lint, types, generated code, the test suite
-test: check pytest
+## test: every check CI runs: system packages, lint, types, generated code, the test suite
+test: bootstrap check pytest
+
+## bootstrap: install the Debian packages the tests need, when missing (apt-get)
+bootstrap:
+	scripts/bootstrap.sh
 
 check: lint typecheck proto-check
 
@@ -50,22 +59,23 @@ proto-check: $(STAMP)
 	diff -r $$tmp/imageshare clients/python/imageshare -x __pycache__ && echo "generated code matches protos/" ; \
 	rc=$$?; rm -rf $$tmp; exit $$rc
 
-## pytest: the test suite (installs redis-server from Debian's packages when missing)
+## pytest: the test suite, with branch coverage of server, client and emulator (gate: 90%)
 pytest: $(STAMP)
-	scripts/ensure_redis.sh
-	$(BIN)/pytest
+	rm -rf .coverage-data && mkdir -p .coverage-data
+	$(BIN)/coverage run -m pytest
+	$(BIN)/coverage combine -q
+	$(BIN)/coverage report
 
-## lock: re-pin requirements.lock (the image's dependencies) from the venv
+## lock: re-pin requirements/*.lock with hashes (UPGRADE=1 to move every pin forward)
 lock: $(STAMP)
-	PATH=$(CURDIR)/$(BIN):$$PATH scripts/lock.sh
+	UV=$(CURDIR)/$(BIN)/uv scripts/lock.sh
 
 ## readme: regenerate the README's configuration table from the settings
 readme: $(STAMP)
 	$(BIN)/python scripts/update_readme_config.py
 
 ## callers: Go and Java stubs for callers in gen/ (Debian's protoc plugins, offline)
-callers: $(STAMP)
-	scripts/ensure_codegen_plugins.sh
+callers: $(STAMP) bootstrap
 	PATH=$(CURDIR)/$(BIN):$$PATH scripts/gen_callers.sh gen/
 
 ## bench: the façade benchmark (about a minute); see bench/README.md
@@ -73,4 +83,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/facade.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage .coverage-data

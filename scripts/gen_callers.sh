@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Generate Go and Java caller stubs from protos/ into OUTDIR/go and OUTDIR/java
 # without the Buf Schema Registry: buf.gen.yaml's remote plugins need it, the
-# Debian plugins (scripts/ensure_codegen_plugins.sh) do not.
+# Debian plugins (make bootstrap) do not.
 #
 # Go uses the protoc bundled with grpcio-tools, the compiler that produces the
 # Python stubs. Java cannot: that protoc has no built-in Java generator, and
@@ -32,12 +32,12 @@ java_plugin=${GRPC_JAVA_PLUGIN:-/usr/bin/grpc_java_plugin}
 
 for tool in protoc protoc-gen-go protoc-gen-go-grpc; do
   if ! command -v "$tool" >/dev/null 2>&1; then
-    echo "$tool is missing: run scripts/ensure_codegen_plugins.sh" >&2
+    echo "$tool is missing: run make bootstrap" >&2
     exit 1
   fi
 done
 if [ ! -x "$java_plugin" ]; then
-  echo "$java_plugin is missing: run scripts/ensure_codegen_plugins.sh" >&2
+  echo "$java_plugin is missing: run make bootstrap" >&2
   exit 1
 fi
 

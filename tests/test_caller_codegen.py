@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-ENSURE = ROOT / "scripts" / "ensure_codegen_plugins.sh"
 GENERATE = ROOT / "scripts" / "gen_callers.sh"
 GO_DIR = Path("go") / "imageshare" / "v1"
 JAVA_DIR = Path("java") / "com" / "imageshare" / "v1"
@@ -60,8 +59,10 @@ def tree(root: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Stubs generated from a subdirectory, as a developer might run it."""
-    run("sh", ENSURE)
+    """Stubs generated from a subdirectory, as a developer might run it.
+
+    The plugins and jars are installed by ``make bootstrap`` (scripts/bootstrap.sh).
+    """
     out = tmp_path_factory.mktemp("callers")
     run("bash", GENERATE, out, cwd=ROOT / "protos")
     return out

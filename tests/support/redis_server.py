@@ -35,7 +35,7 @@ class RedisServer:
         """``tls``: (certificate, key) PEM files; then only the TLS port is served."""
         binary = shutil.which("redis-server")
         if binary is None:
-            raise AssertionError("redis-server is not installed: run scripts/ensure_redis.sh")
+            raise AssertionError("redis-server is not installed: run make bootstrap")
         self.binary = binary
         self.workdir = workdir
         self.port = port or free_port()

@@ -85,10 +85,11 @@ def main() -> int:
     parser.add_argument("--refills", default="0,0.5,1,2")
     args = parser.parse_args()
     emulator = EmulatorProcess()
-    rows = []
     try:
-        for refill in (float(r) for r in args.refills.split(",")):
-            rows.append((refill, run(refill, args.rate, args.seconds, emulator)))
+        rows = [
+            (refill, run(refill, args.rate, args.seconds, emulator))
+            for refill in (float(r) for r in args.refills.split(","))
+        ]
     finally:
         emulator.stop()
     print(

@@ -113,7 +113,8 @@ def test_negative_entries_keep_only_the_error_data_and_are_accounted_within_2x()
     _, real = measured(fill)
     assert real / 2 <= cache.total_bytes <= real * 2, (cache.total_bytes, real)
     entry = cache.get(ShareKey(REGION, "m-made-up000007"))
-    assert entry is not None and type(entry.error) is UpstreamErrorData
+    assert entry is not None
+    assert type(entry.error) is UpstreamErrorData
 
 
 def test_made_up_ids_cannot_grow_the_cache_past_its_bound() -> None:
@@ -171,7 +172,8 @@ def test_an_error_never_replaces_a_list_that_is_still_served() -> None:
     assert cache.put_negative(key, gone) is None
     clock.advance(10)  # kept only for stale-if-error: a NotFound now wins
     entry = cache.put_negative(key, gone)
-    assert entry is not None and entry.negative
+    assert entry is not None
+    assert entry.negative
     assert cache.freshness(entry) is Freshness.FRESH
 
 
@@ -185,4 +187,5 @@ def test_an_older_read_never_replaces_a_newer_list() -> None:
     cache.put(newer)
     cache.put(older)
     entry = cache.get(key)
-    assert entry is not None and entry.shares is newer
+    assert entry is not None
+    assert entry.shares is newer

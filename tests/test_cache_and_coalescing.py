@@ -89,7 +89,8 @@ def test_second_call_is_a_hit_without_upstream_calls(cached_stub, emulator):
     assert calls(emulator, image_id) == 2
     # Another page size is built from the same entry, still without upstream calls.
     third = list_all(cached_stub, region_id=REGION, image_id=image_id, page_size=7)
-    assert account_ids(third) == ids and len(third) == 22
+    assert account_ids(third) == ids
+    assert len(third) == 22
     assert calls(emulator, image_id) == 2
 
 
@@ -107,9 +108,11 @@ def test_bypass_cache_reads_upstream_and_refreshes_the_entry(cached_stub, emulat
     emulator.change_after(REGION, image_id, 0, [{"aliyun_id": "777"}])
     assert account_ids(list_all(cached_stub, region_id=REGION, image_id=image_id)) == ids
     fresh = list_all(cached_stub, region_id=REGION, image_id=image_id, bypass_cache=True)
-    assert account_ids(fresh) == ["777"] and fresh[0].cache_status == BYPASS
+    assert account_ids(fresh) == ["777"]
+    assert fresh[0].cache_status == BYPASS
     after = list_all(cached_stub, region_id=REGION, image_id=image_id)
-    assert account_ids(after) == ["777"] and after[0].cache_status == HIT
+    assert account_ids(after) == ["777"]
+    assert after[0].cache_status == HIT
     assert calls(emulator, image_id) == 2
 
 
@@ -133,7 +136,8 @@ def test_stale_while_revalidate_serves_stale_and_refreshes_once(start_server, em
         emulator.change_after(REGION, image_id, 0, [{"aliyun_id": "888"}])
         time.sleep(0.35)  # let the entry pass its TTL: the behaviour under test is time-based
         stale = list_all(stub, region_id=REGION, image_id=image_id)
-        assert account_ids(stale) == ids and stale[0].cache_status == STALE
+        assert account_ids(stale) == ids
+        assert stale[0].cache_status == STALE
         assert stale[0].cache_age.ToMilliseconds() >= 300
         wait_until(lambda: calls(emulator, image_id) == 2)
         # The refresh landed: the next call is served fresh from the cache.
@@ -278,7 +282,8 @@ def test_retries_never_reuse_a_nonce(start_server, emulator):
             with contextlib.suppress(grpc.RpcError):
                 list_all(stub, region_id=REGION, image_id="m-demo0000001")
     nonces = emulator.counters()["nonces"]
-    assert len(nonces) > 10 and len(set(nonces)) == len(nonces)
+    assert len(nonces) > 10
+    assert len(set(nonces)) == len(nonces)
 
 
 async def test_calls_beyond_the_concurrency_limit_are_refused_at_once(start_server, emulator):

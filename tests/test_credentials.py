@@ -178,7 +178,8 @@ async def test_oidc_exchanges_the_token_file_at_sts(
     chain = build(chains, env, http)
     creds = await chain.get()
     assert_issued_by(creds, sts)
-    assert creds.security_token and creds.access_key_id.startswith("STS.")
+    assert creds.security_token
+    assert creds.access_key_id.startswith("STS.")
     assert chain.describe() == "oidc_role_arn"
     [call] = sts.calls
     assert {k: v for k, v in call.items() if k != "Timestamp"} == {
@@ -556,7 +557,8 @@ async def test_ini_file_types(
     chain = build(chains, {**env, "ALIBABA_CLOUD_PROFILE": "assume"}, http)
     assert_issued_by(await chain.get(), sts)
     call = sts.calls[-1]
-    assert call["Action"] == "AssumeRole" and call["AccessKeyId"] == "LTAI5tSourceKeyId"
+    assert call["Action"] == "AssumeRole"
+    assert call["AccessKeyId"] == "LTAI5tSourceKeyId"
     assert call["RoleSessionName"] == "ini-assume"
     assert "SourceKeySecretValue" not in json.dumps(sts.calls)
 
@@ -757,7 +759,8 @@ def test_secrets_stay_out_of_repr_and_str() -> None:
     creds = Credentials("LTAI5tVisible", "HiddenSecret", "HiddenToken")
     for text in (repr(creds), str(creds)):
         assert "LTAI5tVisible" in text
-        assert "HiddenSecret" not in text and "HiddenToken" not in text
+        assert "HiddenSecret" not in text
+        assert "HiddenToken" not in text
 
 
 # --- end to end: STS-issued credentials sign a real call -----------------------------------

@@ -111,7 +111,8 @@ def test_runtime_stage_is_hardened_and_complete() -> None:
 
     (user,) = [rest for word, rest in runtime if word == "USER"]
     uid, _, gid = user.partition(":")
-    assert uid.isdigit() and int(uid) > 0
+    assert uid.isdigit()
+    assert int(uid) > 0
     assert gid == "" or (gid.isdigit() and int(gid) > 0)
 
     env = " ".join(rest for word, rest in runtime if word == "ENV")

@@ -142,7 +142,8 @@ async def test_sustained_throttling_is_resource_exhausted_with_retry_info(
             list(stub.ListImageShares(request, timeout=20))
     error = details(caught.value)
     assert error.code is grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert error.retry_info is not None and error.retry_info.retry_delay.ToNanoseconds() > 0
+    assert error.retry_info is not None
+    assert error.retry_info.retry_delay.ToNanoseconds() > 0
     await assert_healthy(server, emulator)
 
 

@@ -135,7 +135,8 @@ def test_any_request_gets_a_deliberate_answer(
             assert error.code is grpc.StatusCode.INVALID_ARGUMENT
             assert error.bad_request is not None
             named = {v.field for v in error.bad_request.field_violations}
-            assert named and named <= FIELDS
+            assert named
+            assert named <= FIELDS
             assert must_refuse <= named
             assert upstream_calls == 0, "invalid input reached the upstream"
             return
@@ -150,7 +151,8 @@ def test_any_request_gets_a_deliberate_answer(
             assert error.error_info.reason == "INVALID_REGION_ID_NOT_FOUND"
         return
     assert not must_refuse, must_refuse
-    assert region_id == REGION and image_id in KNOWN_IMAGES
+    assert region_id == REGION
+    assert image_id in KNOWN_IMAGES
     assert emulator.counters()["total"] >= 1
     total = KNOWN_IMAGES[image_id]
     accounts = [a.aliyun_id for m in messages for a in m.accounts]

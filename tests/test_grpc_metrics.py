@@ -207,14 +207,17 @@ async def test_unary_ok_counts_once_and_logs_handler_fields(harness: Harness) ->
         for s in m.samples
         if s.name == "grpc_server_handling_seconds_bucket"
     ]
-    assert buckets[0] == "0.001" and buckets[-2:] == ["30.0", "+Inf"]
+    assert buckets[0] == "0.001"
+    assert buckets[-2:] == ["30.0", "+Inf"]
 
-    assert line["event"] == "rpc" and line["level"] == "info"
+    assert line["event"] == "rpc"
+    assert line["level"] == "info"
     assert line["method"] == f"/{SERVICE}/Unary"
     assert line["code"] == "OK"
     assert line["grpc_type"] == "unary"
     assert line["peer"].startswith("ipv4:127.0.0.1:")
-    assert isinstance(line["duration_ms"], float) and line["duration_ms"] >= 0
+    assert isinstance(line["duration_ms"], float)
+    assert line["duration_ms"] >= 0
     assert line["cache"] == "hit"
     assert line["from_child_task"] is True
     assert (line["msg_received"], line["msg_sent"]) == (1, 1)
@@ -258,7 +261,8 @@ async def test_deadline_exceeded_is_told_apart_from_cancellation(harness: Harnes
         labels("unary", "Unary", grpc_code="DeadlineExceeded"): 1
     }
     assert harness.series("grpc_server_handling_seconds_count") == {labels("unary", "Unary"): 1}
-    assert line["code"] == "DeadlineExceeded" and line["level"] == "warning"
+    assert line["code"] == "DeadlineExceeded"
+    assert line["level"] == "warning"
 
 
 async def test_client_cancel_mid_stream_counts_canceled_and_sent_messages(
@@ -275,7 +279,8 @@ async def test_client_cancel_mid_stream_counts_canceled_and_sent_messages(
     }
     assert harness.series("grpc_server_msg_sent_total") == {stream: 1}
     assert harness.series("grpc_server_msg_received_total") == {stream: 1}
-    assert line["code"] == "Canceled" and line["pages"] == 3
+    assert line["code"] == "Canceled"
+    assert line["pages"] == 3
 
 
 async def test_async_generator_stream(harness: Harness) -> None:

@@ -407,7 +407,8 @@ async def test_malformed_request_bytes_are_invalid_argument_counted_and_logged_o
         )
         assert handled == 1
         lines = [line for line in app.logs.rpc_lines() if line["code"] == "InvalidArgument"]
-        assert len(lines) == 1 and lines[0]["error"] == "malformed request"
+        assert len(lines) == 1
+        assert lines[0]["error"] == "malformed request"
         assert not [r for r in app.logs.records if r.exc_info]
         assert app.upstream_calls() == 0
 

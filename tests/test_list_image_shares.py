@@ -33,7 +33,8 @@ def test_every_account_exactly_once_in_upstream_order(stub, emulator):
     # 137 accounts at upstream PageSize 100 are two pages, each read once.
     assert upstream_calls(emulator) == 2
     request_ids = [r for m in messages for r in m.upstream_request_ids]
-    assert len(request_ids) == 2 and len(set(request_ids)) == 2
+    assert len(request_ids) == 2
+    assert len(set(request_ids)) == 2
     assert {m.cache_status for m in messages} == {image_share_pb2.CACHE_STATUS_MISS}
 
 
@@ -57,7 +58,8 @@ def test_share_groups_complete_in_first_message_only(stub, emulator):
 def test_unshared_image_yields_exactly_one_empty_message(stub, emulator):
     messages = list_all(stub, region_id=REGION, image_id="m-demo0000003")
     assert len(messages) == 1
-    assert not messages[0].accounts and not messages[0].share_groups
+    assert not messages[0].accounts
+    assert not messages[0].share_groups
     assert messages[0].total_count == 0
 
 
@@ -101,7 +103,8 @@ def test_invalid_input_is_rejected_before_any_upstream_call(stub, emulator, fiel
     assert bad_field in error.message
     assert error.bad_request is not None
     assert [v.field for v in error.bad_request.field_violations] == [bad_field]
-    assert error.error_info is not None and error.error_info.reason == "INVALID_REQUEST"
+    assert error.error_info is not None
+    assert error.error_info.reason == "INVALID_REQUEST"
     assert emulator.counters()["total"] == 0
 
 
@@ -114,7 +117,8 @@ def test_not_found_carries_upstream_request_id(stub, emulator):
     assert info.domain == "ecs.aliyuncs.com"
     assert info.metadata["upstreamCode"] == "InvalidImageId.NotFound"
     assert info.metadata["httpStatus"] == "404"
-    assert info.metadata["requestId"] and info.metadata["requestId"] in error.message
+    assert info.metadata["requestId"]
+    assert info.metadata["requestId"] in error.message
 
 
 def test_unknown_region_is_invalid_argument(stub, emulator):
@@ -166,8 +170,10 @@ def test_throttling_after_retries_is_resource_exhausted_with_retry_info(start_se
     emulator.throttle_next(10)
     error = list_error(stub, region_id=REGION, image_id=BIG)
     assert error.code is grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert error.error_info is not None and error.error_info.reason == "THROTTLING_USER"
-    assert error.retry_info is not None and error.retry_info.retry_delay.ToNanoseconds() > 0
+    assert error.error_info is not None
+    assert error.error_info.reason == "THROTTLING_USER"
+    assert error.retry_info is not None
+    assert error.retry_info.retry_delay.ToNanoseconds() > 0
     # Four attempts in all, as configured by default.
     assert emulator.counters()["outcomes"].get("Throttling.User") == 4
 
@@ -187,7 +193,8 @@ def test_broken_upstream_answers_are_unavailable(stub, emulator, mode):
     emulator.fault(mode, count=10)
     error = list_error(stub, region_id=REGION, image_id=BIG)
     assert error.code is grpc.StatusCode.UNAVAILABLE
-    assert error.error_info is not None and error.error_info.reason.startswith("UPSTREAM_")
+    assert error.error_info is not None
+    assert error.error_info.reason.startswith("UPSTREAM_")
 
 
 def test_upstream_down_is_unavailable_and_server_keeps_serving(stub, emulator):
@@ -251,13 +258,15 @@ def test_rejected_credentials_are_internal_and_never_logged(start_server, emulat
             image_share_pb2_grpc.ImageShareServiceStub(channel), region_id=REGION, image_id=BIG
         )
     assert error.code is grpc.StatusCode.INTERNAL
-    assert error.error_info is not None and error.error_info.reason == "SIGNATURE_DOES_NOT_MATCH"
+    assert error.error_info is not None
+    assert error.error_info.reason == "SIGNATURE_DOES_NOT_MATCH"
     assert "string to sign" not in error.message.lower()
     server.stop()
     logs = server.log_text
     assert "SignatureDoesNotMatch" in logs  # logged loudly...
     assert secret not in logs  # ...without the secret
-    assert "ACS3-HMAC-SHA256\n" not in logs and "[redacted]" in logs
+    assert "ACS3-HMAC-SHA256\n" not in logs
+    assert "[redacted]" in logs
 
 
 def test_emulator_mode_serves_demo_data_in_process(start_server):

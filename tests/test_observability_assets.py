@@ -190,7 +190,8 @@ def test_alert_expressions_query_only_exported_series() -> None:
     for rule in rules:
         check_expression(rule["expr"], series)
         # Scoped to this release's own series.
-        assert 'namespace="obs"' in rule["expr"] and 'job="rel-imageshare"' in rule["expr"]
+        assert 'namespace="obs"' in rule["expr"]
+        assert 'job="rel-imageshare"' in rule["expr"]
 
 
 def test_every_alert_is_actionable() -> None:
@@ -203,7 +204,8 @@ def test_every_alert_is_actionable() -> None:
         "ImageShareCacheHitRatioLow",
     }
     for rule in rules.values():
-        assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+        assert rule["annotations"]["summary"]
+        assert rule["annotations"]["description"]
         assert rule["labels"]["severity"] in {"warning", "critical"}
         assert re.fullmatch(r"\d+m", rule["for"])
         # Alertmanager templates survive Helm rendering unescaped.
@@ -307,7 +309,8 @@ def test_secrets_and_string_to_sign_never_reach_json_logs(
     assert lines[1]["msg"].endswith(f"server string to sign is: {REDACTED}")
     assert lines[2]["msg"].endswith(f"server string to sign is: {REDACTED}")
     # The traceback is kept (both exceptions), only scrubbed.
-    assert "ConnectionError" in lines[5]["exc"] and "RuntimeError" in lines[5]["exc"]
+    assert "ConnectionError" in lines[5]["exc"]
+    assert "RuntimeError" in lines[5]["exc"]
     assert "_fail_with_secret" in lines[5]["exc"]
 
 
@@ -328,7 +331,8 @@ def test_redacting_filter_scrubs_records_for_other_formatters() -> None:
         logger.removeHandler(handler)
     output = stream.getvalue()
     _assert_clean(output)
-    assert f"failed with {REDACTED}" in output and "Traceback" in output
+    assert f"failed with {REDACTED}" in output
+    assert "Traceback" in output
 
 
 def test_configure_logging_routes_uncaught_exceptions_through_redaction() -> None:
@@ -357,7 +361,8 @@ def test_configure_logging_routes_uncaught_exceptions_through_redaction() -> Non
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert len(lines) == 2  # httpx quiet below WARNING; debug filtered at info
     for line in lines:
-        assert line["level"] == "critical" and "RuntimeError" in line["exc"]
+        assert line["level"] == "critical"
+        assert "RuntimeError" in line["exc"]
     assert "metrics-http" in lines[1]["msg"]
     _assert_clean(stream.getvalue())
 

@@ -20,7 +20,8 @@ def test_readme_configuration_table_is_current():
 
 def test_readme_shows_the_two_commands():
     text = README.read_text()
-    assert "make run" in text and "make test" in text
+    assert "make run" in text
+    assert "make test" in text
 
 
 def test_every_flag_is_documented_in_help(capsys):
@@ -28,4 +29,5 @@ def test_every_flag_is_documented_in_help(capsys):
         build_parser().parse_args(["--help"])
     assert exited.value.code == 0
     text = capsys.readouterr().out
-    assert "--upstream-max-attempts" in text and "IMAGESHARE_UPSTREAM_MAX_ATTEMPTS" in text
+    assert "--upstream-max-attempts" in text
+    assert "IMAGESHARE_UPSTREAM_MAX_ATTEMPTS" in text

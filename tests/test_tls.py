@@ -276,7 +276,8 @@ def test_unusable_key_fails_start_without_echoing_the_key(pki: Pki) -> None:
         timeout=30,
     )
     assert result.returncode == 2
-    assert "TLS:" in result.stderr and "startup_failed" in result.stderr
+    assert "TLS:" in result.stderr
+    assert "startup_failed" in result.stderr
     key_body = stray.key_pem.decode().splitlines()[1]
     assert key_body not in result.stderr
 

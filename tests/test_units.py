@@ -107,7 +107,8 @@ def test_upstream_errors_classify_retries_and_redact_string_to_sign():
     )
     assert "LTAI" not in redact(echoed)
     error = UpstreamApiError("SignatureDoesNotMatch", echoed, http_status=400)
-    assert error.is_credentials and "LTAI" not in str(error)
+    assert error.is_credentials
+    assert "LTAI" not in str(error)
 
 
 # --- retries and rate limit ----------------------------------------------------------
@@ -175,7 +176,8 @@ async def test_a_list_that_never_settles_ends_aborted_after_bounded_rereads():
     flight.start(landed.append)
     with pytest.raises(ListingUnstableError):
         await flight.wait_result()
-    assert landed == [flight] and not flight.pages
+    assert landed == [flight]
+    assert not flight.pages
     assert client.calls == 6  # three reads of two pages, nothing published
 
 
@@ -210,11 +212,14 @@ def test_cache_evicts_least_recently_used_by_entries_and_bytes():
     cache.put(shares(keys[1], 1))
     assert cache.get(keys[0]) is not None  # 0 is now the most recently used
     cache.put(shares(keys[2], 1))
-    assert cache.get(keys[1]) is None and cache.get(keys[0]) is not None and len(cache) == 2
+    assert cache.get(keys[1]) is None
+    assert cache.get(keys[0]) is not None
+    assert len(cache) == 2
     small = ShareCache(CachePolicy(max_bytes=20_000))
     small.put(shares(keys[0], 100))
     small.put(shares(keys[1], 100))
-    assert len(small) == 1 and small.total_bytes <= 20_000
+    assert len(small) == 1
+    assert small.total_bytes <= 20_000
     assert ShareCache(CachePolicy(ttl=0)).put(shares(keys[0], 1)) is None  # disabled
 
 
@@ -233,8 +238,10 @@ def test_messages_regroup_pages_and_carry_groups_once():
     ]
     out = [m for c in chunks for m in builder.feed(c)] + list(builder.finish())
     assert [len(m.accounts) for m in out] == [3, 3]
-    assert [g.group for g in out[0].share_groups] == ["all"] and not out[1].share_groups
-    assert list(out[0].upstream_request_ids) == ["a"] and list(out[1].upstream_request_ids) == ["b"]
+    assert [g.group for g in out[0].share_groups] == ["all"]
+    assert not out[1].share_groups
+    assert list(out[0].upstream_request_ids) == ["a"]
+    assert list(out[1].upstream_request_ids) == ["b"]
     assert not out[0].HasField("cache_age")  # a fresh read has no age
 
 

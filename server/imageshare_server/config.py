@@ -24,8 +24,24 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
 
-def _opt(default: Any, help: str, *, choices: Sequence[str] | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices})
+def _opt(
+    default: Any,
+    help: str,
+    *,
+    choices: Sequence[str] | None = None,
+    minimum: float | None = None,
+    above: float | None = None,
+    maximum: float | None = None,
+) -> Any:
+    """A setting: its default, its help, and the bounds ``Settings`` checks it against."""
+    metadata = {
+        "help": help,
+        "choices": choices,
+        "minimum": minimum,
+        "above": above,
+        "maximum": maximum,
+    }
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -46,41 +62,62 @@ class Settings:
     emulator: bool = _opt(
         False, "Run the embedded ECS emulator (demo data, demo credentials) as the upstream."
     )
-    cache_ttl: float = _opt(60.0, "Seconds a share list stays fresh in the cache; 0 disables it.")
+    cache_ttl: float = _opt(
+        60.0, "Seconds a share list stays fresh in the cache; 0 disables it.", minimum=0
+    )
     cache_stale_while_revalidate: float = _opt(
-        30.0, "Seconds after the TTL a list is still served while one background refresh runs."
+        30.0,
+        "Seconds after the TTL a list is still served while one background refresh runs.",
+        minimum=0,
     )
     cache_stale_if_error: float = _opt(
-        600.0, "Seconds after the TTL a list is served when the upstream fails transiently."
+        600.0,
+        "Seconds after the TTL a list is served when the upstream fails transiently.",
+        minimum=0,
     )
-    cache_negative_ttl: float = _opt(5.0, "Seconds a NotFound answer is cached; 0 disables it.")
-    cache_max_entries: int = _opt(10_000, "Most share lists the in-process cache holds (LRU).")
+    cache_negative_ttl: float = _opt(
+        5.0, "Seconds a NotFound answer is cached; 0 disables it.", minimum=0
+    )
+    cache_max_entries: int = _opt(
+        10_000, "Most share lists the in-process cache holds (LRU).", minimum=1
+    )
     cache_max_bytes: int = _opt(
-        64 * 1024 * 1024, "Approximate memory bound of the in-process cache, bytes (LRU)."
+        64 * 1024 * 1024,
+        "Approximate memory bound of the in-process cache, bytes (LRU).",
+        minimum=1,
     )
     upstream_qps: float = _opt(
-        20.0, "Upstream calls per second per region, for all callers together; 0: no limit."
+        20.0,
+        "Upstream calls per second per region, for all callers together; 0: no limit.",
+        minimum=0,
     )
-    upstream_burst: int = _opt(20, "Upstream calls that may go at once before the QPS applies.")
+    upstream_burst: int = _opt(
+        20, "Upstream calls that may go at once before the QPS applies.", minimum=1
+    )
     upstream_parallel_pages: int = _opt(
-        10, "Pages of one share list read at the same time after page 1."
+        10, "Pages of one share list read at the same time after page 1.", minimum=1
     )
     upstream_max_in_flight: int = _opt(
-        64, "Upstream HTTP requests under way at once, in all (rate-limit waits not included)."
+        64,
+        "Upstream HTTP requests under way at once, in all (rate-limit waits not included).",
+        minimum=1,
     )
     upstream_max_response_bytes: int = _opt(
         4 * 1024 * 1024,
         "Largest upstream answer read, bytes; a larger one counts as malformed (UNAVAILABLE).",
+        minimum=1024,
     )
     listing_timeout: float = _opt(
         30.0,
         "Seconds one complete upstream read of a share list may take: every page, retry and "
         "rate-limit wait.",
+        above=0,
     )
     max_orphan_reads: int = _opt(
         8,
         "Upstream reads that may go on, to fill the cache, after every caller waiting for them "
         "has left (background refreshes included); beyond it they are cancelled.",
+        minimum=0,
     )
     extra_regions: str = _opt(
         "",
@@ -91,25 +128,32 @@ class Settings:
         20.0,
         "Retry budget size: each transient upstream failure takes a token, and retries stop "
         "while half or fewer are left (gRPC retryThrottling maxTokens).",
+        minimum=1,
     )
     retry_budget_ratio: float = _opt(
         1.0,
         "Tokens each successful upstream attempt puts back (gRPC retryThrottling tokenRatio); "
         "1.0 keeps retrying while under half of attempts fail.",
+        above=0,
     )
     retry_budget_refill: float = _opt(
-        2.0, "Tokens the retry budget regains per second, on top of what successes put back."
+        2.0,
+        "Tokens the retry budget regains per second, on top of what successes put back.",
+        minimum=0,
     )
-    connect_timeout: float = _opt(5.0, "Upstream connect timeout, seconds.")
-    read_timeout: float = _opt(10.0, "Upstream read timeout per attempt, seconds.")
-    upstream_page_size: int = _opt(100, "PageSize of upstream calls (1-100).")
+    connect_timeout: float = _opt(5.0, "Upstream connect timeout, seconds.", above=0)
+    read_timeout: float = _opt(10.0, "Upstream read timeout per attempt, seconds.", above=0)
+    upstream_page_size: int = _opt(
+        100, "PageSize of upstream calls (1-100).", minimum=1, maximum=100
+    )
     upstream_max_attempts: int = _opt(
         4,
         "Upstream attempts per page in all (first try plus retries); 4 keeps a two-page list "
         "whole 98% of the time when 30% of upstream calls fail.",
+        minimum=1,
     )
     max_concurrent_rpcs: int = _opt(
-        1000, "Concurrent RPCs beyond which new calls get RESOURCE_EXHAUSTED at once."
+        1000, "Concurrent RPCs beyond which new calls get RESOURCE_EXHAUSTED at once.", minimum=1
     )
     health_listen: str = _opt(
         "",
@@ -120,20 +164,28 @@ class Settings:
         300.0,
         "Seconds after which a caller's connection is sent GOAWAY, so callers reconnect and "
         "spread over new replicas; 0: unlimited.",
+        minimum=0,
     )
     max_connection_age_grace: float = _opt(
-        30.0, "Seconds calls on a connection past its age may still take before it is closed."
+        30.0,
+        "Seconds calls on a connection past its age may still take before it is closed.",
+        minimum=0,
     )
     max_streams_per_connection: int = _opt(
-        100, "Calls one connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS)."
+        100,
+        "Calls one connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS).",
+        minimum=1,
     )
     stream_stall_timeout: float = _opt(
         30.0,
         "Seconds a stream may wait for its caller to read before it is ended with UNAVAILABLE "
         "and its slot freed.",
+        above=0,
     )
     grace_period: float = _opt(
-        20.0, "Seconds in-flight RPCs may take to finish after SIGTERM before they are cancelled."
+        20.0,
+        "Seconds in-flight RPCs may take to finish after SIGTERM before they are cancelled.",
+        above=0,
     )
     log_level: str = _opt(
         "info", "Log level.", choices=("debug", "info", "warning", "error", "critical")
@@ -155,10 +207,14 @@ class Settings:
         "rate limit (redis://[:PASSWORD@]HOST:PORT/DB, rediss:// for TLS); empty: in-process.",
     )
     redis_timeout: float = _opt(
-        0.25, "Seconds any Redis operation may take before the replica falls back to in-process."
+        0.25,
+        "Seconds any Redis operation may take before the replica falls back to in-process.",
+        above=0,
     )
     redis_lease_ttl: float = _opt(
-        5.0, "Seconds a replica's read lease lives unless renewed; a dead reader's is taken over."
+        5.0,
+        "Seconds a replica's read lease lives unless renewed; a dead reader's is taken over.",
+        above=0,
     )
     redis_key_prefix: str = _opt(
         "imageshare:", "Prefix of every Redis key; give deployments sharing a Redis their own."
@@ -171,66 +227,35 @@ class Settings:
     )
 
     def __post_init__(self) -> None:
-        if not 1 <= self.upstream_page_size <= 100:
-            raise ValueError("upstream_page_size must be between 1 and 100")
-        if self.upstream_max_attempts < 1:
-            raise ValueError("upstream_max_attempts must be at least 1")
-        for name in (
-            "cache_ttl",
-            "cache_stale_while_revalidate",
-            "cache_stale_if_error",
-            "cache_negative_ttl",
-            "upstream_qps",
-        ):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative")
-        if self.retry_budget_refill < 0:
-            raise ValueError("retry_budget_refill must not be negative")
-        for name in ("max_connection_age", "max_connection_age_grace"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative")
-        for name in ("listing_timeout", "stream_stall_timeout"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive")
-        if self.upstream_max_response_bytes < 1024:
-            raise ValueError("upstream_max_response_bytes must be at least 1024")
-        if self.max_orphan_reads < 0:
-            raise ValueError("max_orphan_reads must not be negative")
+        for f in dataclasses.fields(self):
+            _check_bounds(f.name, getattr(self, f.name), f.metadata)
         for region in self.extra_region_set:
             if not is_region_id(region):
                 raise ValueError(f"extra_regions: {region!r} is not a region id")
-        if self.retry_budget_ratio <= 0:
-            raise ValueError("retry_budget_ratio must be positive")
-        for name in (
-            "retry_budget_tokens",
-            "cache_max_entries",
-            "cache_max_bytes",
-            "upstream_burst",
-            "upstream_parallel_pages",
-            "upstream_max_in_flight",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
-        if self.max_concurrent_rpcs < 1:
-            raise ValueError("max_concurrent_rpcs must be at least 1")
-        for name in ("connect_timeout", "read_timeout", "grace_period"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key must be given together")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("tls_client_ca needs tls_cert and tls_key")
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://")):
             raise ValueError("redis_url must start with redis:// or rediss://")
-        for name in ("redis_timeout", "redis_lease_ttl"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive")
-        if self.max_streams_per_connection < 1:
-            raise ValueError("max_streams_per_connection must be at least 1")
 
     @property
     def extra_region_set(self) -> frozenset[str]:
         return frozenset(r.strip() for r in self.extra_regions.split(",") if r.strip())
+
+
+def _check_bounds(name: str, value: Any, metadata: Mapping[str, Any]) -> None:
+    minimum, above, maximum = metadata["minimum"], metadata["above"], metadata["maximum"]
+    if minimum is not None and maximum is not None and not minimum <= value <= maximum:
+        raise ValueError(f"{name} must be between {minimum} and {maximum}")
+    if minimum is not None and value < minimum:
+        raise ValueError(
+            f"{name} must not be negative" if minimum == 0 else f"{name} must be at least {minimum}"
+        )
+    if above is not None and value <= above:
+        raise ValueError(f"{name} must be positive")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be at most {maximum}")
 
 
 def flag_name(name: str) -> str:

@@ -227,58 +227,78 @@ class SharedShareSource:
     async def stream(
         self, query: ShareQuery, *, deadline: float | None, caller: str = ""
     ) -> AsyncIterator[ShareChunk]:
-        key = query.key
         fallback: CacheEntry | None = None
         if not query.bypass_cache:
-            entry = await self._lookup(key)
+            entry = await self._lookup(query.key)
             if entry is not None:
-                if entry.error is not None:
-                    self._metrics.cache_requests.labels("negative_hit").inc()
-                    raise UpstreamApiError.from_data(entry.error)
-                freshness = self._cache.freshness(entry)
-                if freshness is Freshness.FRESH:
-                    self._metrics.cache_requests.labels("hit").inc()
-                    yield _cached_chunk(entry, CacheStatus.HIT)
+                served = self._from_cache(entry)
+                if served is not None:
+                    yield served
                     return
-                if freshness is Freshness.STALE:
-                    self._metrics.cache_requests.labels("stale").inc()
-                    self._metrics.cache_stale_serves.labels("revalidating").inc()
-                    self.refresh_in_background(entry)
-                    yield _cached_chunk(entry, CacheStatus.STALE)
-                    return
-                fallback = entry
+                fallback = entry  # only good if a read fails
         now = self._clock.monotonic()
         if deadline is not None and deadline - now < MIN_READ_SECONDS:
             if fallback is None:
                 raise DeadlineExceededError("the caller's deadline leaves no time to read the list")
             yield self._stale(fallback, "deadline")
             return
+        flight, status = self._read_for(query, fallback)
+        follow_until = None
+        if deadline is not None:
+            follow_until = deadline - min(MARGIN_SECONDS, (deadline - now) / 5)
+        async for chunk in self._follow(flight, status, follow_until, caller, fallback):
+            yield chunk
+
+    def _from_cache(self, entry: CacheEntry) -> ShareChunk | None:
+        """A fresh or revalidating entry's chunk; None when it is only a fallback."""
+        if entry.error is not None:
+            self._metrics.cache_requests.labels("negative_hit").inc()
+            raise UpstreamApiError.from_data(entry.error)
+        freshness = self._cache.freshness(entry)
+        if freshness is Freshness.FRESH:
+            self._metrics.cache_requests.labels("hit").inc()
+            return _cached_chunk(entry, CacheStatus.HIT)
+        if freshness is Freshness.STALE:
+            self._metrics.cache_requests.labels("stale").inc()
+            self._metrics.cache_stale_serves.labels("revalidating").inc()
+            self.refresh_in_background(entry)
+            return _cached_chunk(entry, CacheStatus.STALE)
+        return None
+
+    def _read_for(
+        self, query: ShareQuery, fallback: CacheEntry | None
+    ) -> tuple[Flight, CacheStatus]:
+        """The read to follow (joined or new), and what the caller is told it is."""
         shares = fallback.shares if fallback is not None else None
+        if query.bypass_cache:
+            newer_than = self._clock.time()
+        else:
+            newer_than = shares.read_time if shares is not None else 0.0
         spec = FlightSpec(
-            key,
+            query.key,
             expected_total=shares.total_count if shares is not None else None,
-            newer_than=(
-                self._clock.time()
-                if query.bypass_cache
-                else shares.read_time
-                if shares is not None
-                else 0.0
-            ),
+            newer_than=newer_than,
         )
         flight, joined = self._flight(spec)
         if query.bypass_cache:
             status = CacheStatus.BYPASS
-            self._metrics.cache_requests.labels("bypass").inc()
         elif joined:
             status = CacheStatus.COALESCED
-            self._metrics.cache_requests.labels("coalesced").inc()
             self._metrics.coalesced_waits.inc()
         else:
             status = CacheStatus.MISS
-            self._metrics.cache_requests.labels("miss").inc()
-        follow_until = None
-        if deadline is not None:
-            follow_until = deadline - min(MARGIN_SECONDS, (deadline - now) / 5)
+        self._metrics.cache_requests.labels(status.value).inc()
+        return flight, status
+
+    async def _follow(
+        self,
+        flight: Flight,
+        status: CacheStatus,
+        follow_until: float | None,
+        caller: str,
+        fallback: CacheEntry | None,
+    ) -> AsyncIterator[ShareChunk]:
+        """The read's pages until ``follow_until``; the fallback list if the read fails first."""
         pages = flight.follow(follow_until, caller)
         sent = False
         try:

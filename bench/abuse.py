@@ -100,7 +100,7 @@ def victim_main(target: str, seconds: float, cold_from: int) -> None:
                     ):
                         pass
                 except grpc.RpcError as exc:
-                    errors[f"{kind}:{exc.code().name}"] += 1  # type: ignore[attr-defined]
+                    errors[f"{kind}:{exc.code().name}"] += 1
                     time.sleep(0.05)
                     continue
                 (hits if kind == "hit" else cold).append(time.perf_counter() - started)
@@ -376,7 +376,7 @@ def malformed(server: ServerProcess) -> Stop:
                     list(raw(b"\xff\xff\xff\xff\x0f", timeout=5))
                     codes["OK"] += 1
                 except grpc.RpcError as exc:
-                    codes[exc.code().name] += 1  # type: ignore[attr-defined]
+                    codes[exc.code().name] += 1
         return f"1,000 undecodable requests: {dict(codes)}"
 
     return _in_thread(work)

@@ -101,9 +101,11 @@ def pin_process(pid: int, cpus: set[int]) -> None:
 
 def capture(channel: grpc.Channel, image_id: str, page_size: int) -> list[bytes]:
     """The serialized messages the server sends for a listing, exactly as sent."""
-    raw = channel.unary_stream(
-        f"/{SERVICE_NAME}/{METHOD}",
-        request_serializer=image_share_pb2.ListImageSharesRequest.SerializeToString,
+    raw: grpc.UnaryStreamMultiCallable[image_share_pb2.ListImageSharesRequest, bytes] = (
+        channel.unary_stream(
+            f"/{SERVICE_NAME}/{METHOD}",
+            request_serializer=image_share_pb2.ListImageSharesRequest.SerializeToString,
+        )
     )
     request = image_share_pb2.ListImageSharesRequest(
         region_id=REGION, image_id=image_id, page_size=page_size
@@ -172,7 +174,8 @@ def warm_rows(
                     base_env(),
                     "serving",
                 )
-            plan = [(listings[1], None, False)] if split else []
+            Plan = tuple[tuple[str, int, int], tuple[set[int], set[int]] | None, bool]
+            plan: list[Plan] = [(listings[1], None, False)] if split else []
             plan += [(listing, split, False) for listing in listings]
             plan.insert(-1, (listings[1], split, True))
             for (image_id, expect, page_size), cpus, spin_thread in plan:

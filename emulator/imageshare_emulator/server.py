@@ -324,6 +324,7 @@ class Emulator:
             "upsert_image": knobs.upsert_image,
             "delete_image": knobs.delete_image,
             "change_after": knobs.change_after,
+            "churn": knobs.churn,
             "add_credentials": self.credential_store.add,
             "remove_credentials": self.credential_store.remove,
         }

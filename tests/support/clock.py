@@ -30,3 +30,15 @@ class ManualClock:
         target = self._monotonic + seconds
         await asyncio.sleep(seconds)
         self._monotonic = max(self._monotonic, target)
+
+
+class FastClock(ManualClock):
+    """A clock whose sleeps take no real time: back-offs and rate-limit waits pass at once.
+
+    For tests where time must pass but is not the subject (retries at 30% failures); every
+    sleeper is let through in turn, and the clock moves by what it slept.
+    """
+
+    async def sleep(self, seconds: float) -> None:
+        self.advance(max(0.0, seconds))
+        await asyncio.sleep(0)

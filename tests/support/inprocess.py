@@ -86,7 +86,7 @@ class InProcessApp:
         self.channels.append(channel)
         return channel
 
-    def stub(self, *options: tuple[str, Any]) -> image_share_pb2_grpc.ImageShareServiceStub:
+    def stub(self, *options: tuple[str, Any]) -> image_share_pb2_grpc.ImageShareServiceAsyncStub:
         return image_share_pb2_grpc.ImageShareServiceStub(self.channel(*options))
 
     async def list(self, rpc_timeout: float | None = 10.0, **fields: Any) -> list[Response]:

@@ -30,6 +30,7 @@ def details(error: grpc.RpcError) -> Details:
     status = None
     for key, value in error.trailing_metadata() or ():
         if key == "grpc-status-details-bin":
+            assert isinstance(value, bytes)
             status = status_pb2.Status.FromString(value)
         elif isinstance(value, str):
             out.trailing[key] = value
@@ -39,7 +40,7 @@ def details(error: grpc.RpcError) -> Details:
             (error_details_pb2.BadRequest, "bad_request"),
             (error_details_pb2.RetryInfo, "retry_info"),
         ):
-            if any_detail.Is(kind.DESCRIPTOR):
+            if any_detail.Is(kind.DESCRIPTOR):  # type: ignore[arg-type]
                 message = kind()
                 any_detail.Unpack(message)
                 setattr(out, attr, message)

@@ -1,4 +1,4 @@
-"""Benchmark the façade against what a user would write instead (issue 3).
+"""Benchmark the façade against what a user would write instead: the official SDK.
 
 Runs everything on loopback in one process run: the emulator (with 50 ms of
 injected latency per call), the server as a real process, the official

@@ -116,17 +116,22 @@ async def _credentials(settings: Settings, stack: contextlib.AsyncExitStack) -> 
 
 def _bind(server: grpc.aio.Server, settings: Settings) -> int:
     """Bind the gRPC port: TLS (mTLS with a client CA) when a certificate is configured."""
-    if not settings.tls_cert:
-        port: int = server.add_insecure_port(grpc_address(settings.listen))
-        return port
+    address = grpc_address(settings.listen)
     try:
-        credentials, _ = server_credentials(
-            settings.tls_cert, settings.tls_key, settings.tls_client_ca
-        )
-    except TlsConfigError as exc:
-        raise StartupError(f"TLS: {exc}") from None
-    port = server.add_secure_port(grpc_address(settings.listen), credentials)
-    return port
+        if not settings.tls_cert:
+            return server.add_insecure_port(address)
+        try:
+            credentials, _ = server_credentials(
+                settings.tls_cert, settings.tls_key, settings.tls_client_ca
+            )
+        except TlsConfigError as exc:
+            raise StartupError(f"TLS: {exc}") from None
+        return server.add_secure_port(address, credentials)
+    except RuntimeError as exc:
+        # grpc says only "Failed to bind to address": in use, or not this host's.
+        raise StartupError(
+            f"cannot listen on {address} (in use, or not an address of this host): {exc}"
+        ) from None
 
 
 def _start_emulator(

@@ -132,8 +132,7 @@ class Settings:
     )
     retry_budget_ratio: float = _opt(
         1.0,
-        "Tokens each successful upstream attempt puts back (gRPC retryThrottling tokenRatio); "
-        "1.0 keeps retrying while under half of attempts fail.",
+        "Tokens each successful upstream attempt puts back (gRPC retryThrottling tokenRatio).",
         above=0,
     )
     retry_budget_refill: float = _opt(
@@ -148,8 +147,7 @@ class Settings:
     )
     upstream_max_attempts: int = _opt(
         4,
-        "Upstream attempts per page in all (first try plus retries); 4 keeps a two-page list "
-        "whole 98% of the time when 30% of upstream calls fail.",
+        "Upstream attempts per page in all (first try plus retries).",
         minimum=1,
     )
     max_concurrent_rpcs: int = _opt(
@@ -223,7 +221,7 @@ class Settings:
         "",
         "Name of the Alibaba Cloud account whose quota the shared rate limit guards (one Redis "
         "bucket per account and region); empty: the AccessKey ID, or one bucket for all STS "
-        "sessions (RRSA gives every pod its own rotating AccessKey ID).",
+        "sessions.",
     )
 
     def __post_init__(self) -> None:

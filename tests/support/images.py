@@ -1,4 +1,4 @@
-"""Images of the tests' own in the emulator: unique ids, so cache entries never leak across tests."""
+"""Images of the tests' own in the emulator: unique ids, so no cache entry leaks between tests."""
 
 from __future__ import annotations
 

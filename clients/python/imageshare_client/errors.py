@@ -22,10 +22,20 @@ class FieldViolation:
 class ImageShareError(Exception):
     """A failed `ListImageShares` call, with the server's structured details decoded.
 
-    `reason`, `domain` and `metadata` come from `google.rpc.ErrorInfo` (e.g. reason
-    `INVALIDIMAGEID_NOTFOUND`, metadata with the upstream `requestId`); `field_violations`
+    `reason`, `domain` and `metadata` come from `google.rpc.ErrorInfo`; `field_violations`
     from `google.rpc.BadRequest`; `retry_after` (seconds) from `google.rpc.RetryInfo`.
     `attempts` is how many calls were made, counting retries.
+
+    For upstream errors the domain is `ecs.aliyuncs.com`, the reason the upstream Code in
+    UPPER_SNAKE_CASE (`InvalidImageId.NotFound` -> `INVALID_IMAGE_ID_NOT_FOUND`) and the
+    metadata holds `upstreamCode`, `requestId` and `httpStatus`. The service's own
+    reasons (domain `imageshare.v1`): `INVALID_REQUEST` and `MALFORMED_REQUEST`
+    (INVALID_ARGUMENT); `UPSTREAM_RATE_LIMITED`, `UPSTREAM_BUSY` and
+    `TOO_MANY_CONCURRENT_CALLS` (RESOURCE_EXHAUSTED, with `retry_after`);
+    `UPSTREAM_TIMEOUT`, `UPSTREAM_CONNECTION_ERROR`, `UPSTREAM_MALFORMED_RESPONSE`,
+    `LISTING_TIMEOUT` and `STREAM_STALLED` (UNAVAILABLE); `DEADLINE_TOO_SHORT`
+    (DEADLINE_EXCEEDED); `SHARE_LIST_CHANGING` (ABORTED); `SHARE_LIST_TOO_LARGE`
+    (FAILED_PRECONDITION); `INTERNAL`.
     """
 
     def __init__(

@@ -275,6 +275,7 @@ class ChainCredentialsProvider:
         self._owned_http = owned_http
         self._chosen: NamedProvider | None = None
         self._lock = asyncio.Lock()
+        self._closed = False
 
     @property
     def candidates(self) -> list[str]:
@@ -329,7 +330,13 @@ class ChainCredentialsProvider:
         if self._chosen is not None:
             await self._chosen.settle()
 
+    @property
+    def closed(self) -> bool:
+        """True once ``aclose`` ran: no refresh runs and the owned HTTP client is closed."""
+        return self._closed
+
     async def aclose(self) -> None:
+        self._closed = True
         if self._chosen is not None:
             await self._chosen.aclose()
         if self._owned_http is not None:

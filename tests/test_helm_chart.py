@@ -164,7 +164,10 @@ def test_every_object_is_valid_for_kubernetes_1_30(chart: helm.Chart, case: str)
         labels = obj["metadata"]["labels"]
         assert labels["app.kubernetes.io/managed-by"] == "Helm"
         assert labels["app.kubernetes.io/instance"] == NAME
-        assert labels["app.kubernetes.io/name"] == "imageshare"
+        # The helm test pod is named apart so no server selector picks it.
+        assert labels["app.kubernetes.io/name"] == (
+            "imageshare-test" if kind == "Pod" else "imageshare"
+        )
         assert labels["helm.sh/chart"].startswith("imageshare-")
         if kind in CRD_KINDS:
             assert obj["apiVersion"] == "monitoring.coreos.com/v1"
@@ -252,6 +255,37 @@ def test_ports_and_service(chart: helm.Chart) -> None:
     pod_labels = deployment(objects)["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= pod_labels.items()
     assert deployment(objects)["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
+
+
+def test_headless_service_for_client_side_balancing(chart: helm.Chart) -> None:
+    objects = render(chart, {})
+    headless = objects[("Service", f"{FULLNAME}-headless")]
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["selector"] == objects[("Service", FULLNAME)]["spec"]["selector"]
+    assert [p["name"] for p in headless["spec"]["ports"]] == ["grpc"]
+    assert headless["spec"]["ports"][0]["appProtocol"] == "grpc"
+    assert ("Service", f"{FULLNAME}-headless") not in render(
+        chart, {"service": {"headless": False}}
+    )
+    config = objects[("ConfigMap", FULLNAME)]["data"]
+    assert config["IMAGESHARE_MAX_CONNECTION_AGE"] == "300"  # what makes callers rebalance
+
+
+def test_helm_test_pod_is_not_selected_as_a_server_pod(chart: helm.Chart) -> None:
+    for values in ({}, production_values()):
+        objects = render(chart, values)
+        test_pod = objects[("Pod", f"{FULLNAME}-test-health")]["metadata"]["labels"]
+        selectors = [
+            deployment(objects)["spec"]["selector"]["matchLabels"],
+            *(svc["spec"]["selector"] for svc in of_kind(objects, "Service")),
+            *(
+                pdb["spec"]["selector"]["matchLabels"]
+                for pdb in of_kind(objects, "PodDisruptionBudget")
+            ),
+        ]
+        assert len(selectors) >= 3
+        for selector in selectors:
+            assert not selector.items() <= test_pod.items(), selector
 
 
 def test_config_map_sets_only_settings_the_server_knows(chart: helm.Chart) -> None:

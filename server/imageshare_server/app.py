@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -18,8 +20,7 @@ from dataclasses import dataclass, replace
 import grpc
 import httpx
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry
 
 from imageshare_server import __version__
 from imageshare_server.cache import CachePolicy, ShareCache
@@ -27,6 +28,7 @@ from imageshare_server.config import (
     Settings,
     build_parser,
     config_table,
+    effective_config,
     settings_from,
     split_host_port,
 )
@@ -39,6 +41,7 @@ from imageshare_server.credentials import (
     default_credentials_provider,
 )
 from imageshare_server.grpcapi.health import DrainingHealthServicer
+from imageshare_server.grpcapi.reflection import enable_reflection
 from imageshare_server.grpcapi.service import (
     LIST_METHOD,
     SERVICE_NAME,
@@ -49,6 +52,7 @@ from imageshare_server.grpcapi.tls import TlsConfigError, server_credentials
 from imageshare_server.listing.flight import FlightOptions
 from imageshare_server.listing.source import SharedShareSource
 from imageshare_server.observability.grpc_metrics import GrpcMetricsInterceptor
+from imageshare_server.observability.http import MetricsServer
 from imageshare_server.observability.logging import configure_logging
 from imageshare_server.observability.metrics import ServiceMetrics
 from imageshare_server.ratelimit import UpstreamRateLimiter
@@ -114,9 +118,29 @@ async def _credentials(settings: Settings, stack: contextlib.AsyncExitStack) -> 
     return provider
 
 
+def _check_free(listen: str) -> None:
+    """Fail start-up in one line when the port is taken, before grpc logs its own error."""
+    host, port = split_host_port(listen)
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {listen}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {listen}: {exc.strerror}") from None
+
+
 def _bind(server: grpc.aio.Server, settings: Settings) -> int:
     """Bind the gRPC port: TLS (mTLS with a client CA) when a certificate is configured."""
     address = grpc_address(settings.listen)
+    _check_free(settings.listen)
     try:
         if not settings.tls_cert:
             return server.add_insecure_port(address)
@@ -353,9 +377,7 @@ async def _start(
     add_to_server(service, server)
     health_servicer = DrainingHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    enable_reflection((SERVICE_NAME, health.SERVICE_NAME), server)
     grpc_port = _bind(server, settings)
     await server.start()
     stack.push_async_callback(server.stop, 0)
@@ -384,8 +406,10 @@ async def _start(
         host, port = split_host_port(settings.metrics_listen)
         loop = asyncio.get_running_loop()
         metrics.asyncio_tasks.set_function(lambda: len(asyncio.all_tasks(loop)))
-        metrics_server, _ = start_http_server(port, addr=host or "0.0.0.0", registry=registry)
-        runtime.metrics_port = metrics_server.server_port
+        metrics_server = MetricsServer(
+            host or "0.0.0.0", port, registry, ready=lambda: health_servicer.serving
+        )
+        runtime.metrics_port = metrics_server.port
         stack.callback(metrics_server.shutdown)
 
     for name in ("", SERVICE_NAME):
@@ -441,15 +465,27 @@ async def serve(settings: Settings) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.print_config_table:
-        sys.stdout.write(config_table())
-        return 0
+    """Exit codes: 0 after a drain (or a printed answer), 2 when the server could not start.
+
+    Every start-up failure (a bad flag, a port in use, unreadable TLS files, no
+    credentials) is one JSON log line with ``"event": "startup_failed"``, no traceback.
+    """
+    configure_logging("info")
     try:
+        args = build_parser().parse_args(argv)
+        if args.version:
+            sys.stdout.write(f"imageshare-server {__version__}\n")
+            return 0
+        if args.print_config_table:
+            sys.stdout.write(config_table())
+            return 0
         settings = settings_from(args)
-    except ValueError as exc:
-        parser.error(str(exc))
+    except ValueError as exc:  # UsageError included: argparse's own complaints
+        log.critical(str(exc), extra={"event": "startup_failed"})
+        return 2
+    if args.print_config:
+        sys.stdout.write(json.dumps(effective_config(settings), indent=2) + "\n")
+        return 0
     configure_logging(settings.log_level)
     try:
         asyncio.run(serve(settings))

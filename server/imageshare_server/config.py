@@ -15,7 +15,8 @@ import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 from imageshare_server.core.rules import is_region_id
 
@@ -285,8 +286,18 @@ def _fields() -> list[tuple[dataclasses.Field[Any], type]]:
     return [(f, _TYPES[str(f.type)]) for f in dataclasses.fields(Settings)]
 
 
+class UsageError(ValueError):
+    """A flag or variable the settings cannot use; reported in one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # Not argparse's usage text on stderr: start-up failures are one JSON log line.
+        raise UsageError(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="imageshare-server",
         description="gRPC service: who is a custom Alibaba Cloud ECS image shared with?",
     )
@@ -314,7 +325,28 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Print the configuration table (Markdown) and exit.",
     )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="Print the effective settings (flags over environment over defaults) as JSON, "
+        "secrets redacted, and exit.",
+    )
+    parser.add_argument("--version", action="store_true", help="Print the version and exit.")
     return parser
+
+
+def effective_config(settings: Settings) -> dict[str, Any]:
+    """Every setting by flag name, as the server would use it; credentials in URLs redacted."""
+    shown: dict[str, Any] = {}
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if f.name == "redis_url" and value:
+            parts = urlsplit(value)
+            if parts.password:
+                netloc = parts.netloc.replace(f":{parts.password}@", ":[redacted]@", 1)
+                value = parts._replace(netloc=netloc).geturl()
+        shown[f.name] = value
+    return shown
 
 
 def settings_from(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:

@@ -26,7 +26,7 @@ SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 class DrainingHealthServicer(health.aio.HealthServicer):
     def __init__(self) -> None:
         super().__init__()
-        self._statuses: dict[str, Status] = {"": int(SERVING)}
+        self._statuses: dict[str, Status] = {"": int(NOT_SERVING)}  # until the app is up
         self._changed = asyncio.Condition()
         self._draining = False
 
@@ -36,6 +36,11 @@ class DrainingHealthServicer(health.aio.HealthServicer):
             if not self._draining:
                 self._statuses[service] = int(status)
                 self._changed.notify_all()
+
+    @property
+    def serving(self) -> bool:
+        """True while the overall service ("") is SERVING: not before start, not while draining."""
+        return not self._draining and self._statuses.get("") == int(SERVING)
 
     async def enter_graceful_shutdown(self) -> None:
         await super().enter_graceful_shutdown()

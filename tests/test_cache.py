@@ -8,14 +8,19 @@ import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
+import grpc
 import pytest
 
+from imageshare.v1 import image_share_pb2
+from imageshare_emulator import Emulator
 from imageshare_server.cache import MAX_MESSAGE_VARIANTS, CachePolicy, Freshness, ShareCache
 from imageshare_server.core.errors import UpstreamApiError, UpstreamErrorData
 from imageshare_server.core.types import ShareKey, ShareList, ShareQuery
 from imageshare_server.grpcapi.messages import build_cached_messages
 from imageshare_server.upstream.client import parse_page
 from tests.support.clock import ManualClock
+from tests.support.images import new_image
+from tests.support.inprocess import running
 
 REGION = "cn-hangzhou"
 
@@ -189,3 +194,42 @@ def test_an_older_read_never_replaces_a_newer_list() -> None:
     entry = cache.get(key)
     assert entry is not None
     assert entry.shares is newer
+
+
+async def test_a_rejected_access_key_on_a_bypass_read_keeps_the_good_list(ecs: Emulator) -> None:
+    """Key rotation: one bypass_cache read is refused with InvalidAccessKeyId.NotFound.
+
+    Only an image that does not exist is cached as negative; a credentials error is the
+    service's own fault and must not replace a good list for everyone.
+    """
+    image, ids = new_image(ecs.knobs, 3)
+    async with running(ecs, "--cache-ttl", "60", "--cache-negative-ttl", "60") as app:
+        first = await app.list(region_id=REGION, image_id=image)
+        assert first[0].cache_status == image_share_pb2.CACHE_STATUS_MISS
+        rejected = {
+            "RequestId": "R-1",
+            "Code": "InvalidAccessKeyId.NotFound",
+            "Message": "Specified access key is not found.",
+        }
+        ecs.knobs.fault("raw", count=1, status=404, body=json.dumps(rejected))
+        error = await app.error(region_id=REGION, image_id=image, bypass_cache=True)
+        assert error.code is grpc.StatusCode.INTERNAL
+        for _ in range(3):
+            again = await app.list(region_id=REGION, image_id=image)
+            assert again[0].cache_status == image_share_pb2.CACHE_STATUS_HIT
+            assert [a.aliyun_id for a in again[0].accounts] == ids
+        assert app.metric("imageshare_cache_requests_total", result="negative_hit") == 0
+        assert app.metric("imageshare_cache_requests_total", result="hit") == 3
+        assert app.upstream_calls(image) == 2
+
+
+async def test_an_image_that_does_not_exist_is_cached_as_negative_and_counted_apart(
+    ecs: Emulator,
+) -> None:
+    async with running(ecs, "--cache-negative-ttl", "60") as app:
+        for _ in range(3):
+            error = await app.error(region_id=REGION, image_id="m-doesnotexist1")
+            assert error.code is grpc.StatusCode.NOT_FOUND
+        assert app.upstream_calls("m-doesnotexist1") == 1
+        assert app.metric("imageshare_cache_requests_total", result="negative_hit") == 2
+        assert app.metric("imageshare_cache_requests_total", result="hit") == 0

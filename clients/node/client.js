@@ -20,6 +20,9 @@ const DEFAULT_TIMEOUT_MS = 10_000;
 const PUBLIC_GROUP = 'all';
 
 const DEFAULT_SERVICE_CONFIG = {
+  // Spreads calls over every address the target resolves to (a headless Service's pods);
+  // with one address it is the same as pick_first.
+  loadBalancingConfig: [{ round_robin: {} }],
   methodConfig: [
     {
       name: [{ service: SERVICE }],

@@ -21,7 +21,7 @@ from ._listing import (
     empty_stream_error,
     retry_delay,
 )
-from .channel import DEFAULT_SERVICE_CONFIG, RetryPolicy, channel_options
+from .channel import DEFAULT_SERVICE_CONFIG, RetryPolicy, channel_options, default_retry
 from .client import DEFAULT_TIMEOUT
 from .errors import from_rpc_error
 from .models import ListingMetadata, SharedAccount, ShareList
@@ -188,7 +188,7 @@ class AsyncImageShareClient:
         self._stub: Any = ImageShareServiceStub(self._channel)
         self.target = target
         self.timeout = timeout
-        self.retry = retry if retry is not None else RetryPolicy()
+        self.retry = retry if retry is not None else default_retry(service_config)
         self._metadata = tuple(metadata)
         self._on_retry = on_retry
 

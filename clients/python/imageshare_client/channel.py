@@ -27,6 +27,9 @@ SERVICE_NAME = image_share_pb2.DESCRIPTOR.services_by_name["ImageShareService"].
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 DEFAULT_SERVICE_CONFIG: Mapping[str, Any] = {
+    # With a target that resolves to every pod (dns:///<name>-headless.<ns>.svc:50051),
+    # calls spread over all of them; with one address it is the same as pick_first.
+    "loadBalancingConfig": [{"round_robin": {}}],
     "methodConfig": [
         {
             "name": [{"service": SERVICE_NAME}],
@@ -97,3 +100,19 @@ class RetryPolicy:
 
 
 NO_RETRY = RetryPolicy(max_attempts=1)
+
+
+def default_retry(service_config: Mapping[str, Any] | None) -> RetryPolicy:
+    """The client's own retries: none when the channel retries (the service config's policy).
+
+    The channel's retryPolicy covers every retry a listing can take (UNAVAILABLE before
+    the first message: the server answers such failures without headers, so gRPC may
+    retry them), and its retryThrottling stops retries fleet-wide when the server is
+    failing; a loop around it would multiply attempts and ignore the throttling. Without
+    a service config (``service_config=None``) the channel does not retry, and the
+    client's loop does the same job.
+    """
+    for method in (service_config or {}).get("methodConfig", []):
+        if "retryPolicy" in method:
+            return NO_RETRY
+    return RetryPolicy()

@@ -59,8 +59,13 @@ class MetricsServer:
 
         self._httpd = make_server(host, port, app, _Server, handler_class=_QuietHandler)
         self.port: int = self._httpd.server_port
+        # serve_forever checks for shutdown once per poll interval; the default 0.5 s
+        # would hold every stop (and every test that starts an app) for that long.
         self._thread = threading.Thread(
-            target=self._httpd.serve_forever, name="metrics-http", daemon=True
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="metrics-http",
+            daemon=True,
         )
         self._thread.start()
 

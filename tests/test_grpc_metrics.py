@@ -22,17 +22,19 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import CollectorRegistry
 
 from imageshare_server.observability.grpc_metrics import GrpcMetricsInterceptor
 from imageshare_server.observability.logging import JsonFormatter, rpc_log_fields
+from tests.support.client_health import check, watch
 
 SERVICE = "test.v1.Echo"
+Context = grpc.aio.ServicerContext[bytes, bytes]
 NEVER = asyncio.Event()  # handlers that must outlive the client wait on this
 
 
-async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+async def unary(request: bytes, context: Context) -> bytes:
     rpc_log_fields()["cache"] = "hit"
 
     async def child() -> None:
@@ -59,7 +61,7 @@ async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
 
 def _status(code: grpc.StatusCode) -> grpc.Status:
     @dataclass(frozen=True)
-    class Status(grpc.Status):  # type: ignore[misc]
+    class Status(grpc.Status):
         code: grpc.StatusCode
         details: str
         trailing_metadata: tuple[tuple[str, str], ...]
@@ -67,7 +69,7 @@ def _status(code: grpc.StatusCode) -> grpc.Status:
     return Status(code, "bad", ())
 
 
-async def generate(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+async def generate(request: bytes, context: Context) -> AsyncIterator[bytes]:
     rpc_log_fields()["pages"] = 3
     if request == b"hang":
         yield b"first"
@@ -78,18 +80,21 @@ async def generate(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIt
         await context.abort(grpc.StatusCode.NOT_FOUND, "empty")
 
 
-async def write(request: bytes, context: grpc.aio.ServicerContext) -> None:
+async def write(request: bytes, context: Context) -> None:
     for i in range(int(request)):
         await context.write(str(i).encode())
 
 
-async def collect(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+async def collect(requests: AsyncIterator[bytes], context: Context) -> bytes:
     return b",".join([r async for r in requests])
 
 
-async def collect_by_read(requests: object, context: grpc.aio.ServicerContext) -> bytes:
-    received = []
-    while (message := await context.read()) is not grpc.aio.EOF:
+async def collect_by_read(
+    requests: object, context: grpc.aio.ServicerContext[object, bytes]
+) -> bytes:
+    received: list[bytes] = []
+    while (message := await context.read()) is not grpc.aio.EOF:  # the stub omits EOF
+        assert isinstance(message, bytes)
         received.append(message)
     return b",".join(received)
 
@@ -142,7 +147,9 @@ def labels(grpc_type: str, method: str, service: str = SERVICE, **extra: str) ->
 
 
 @asynccontextmanager
-async def serve(extra: dict[str, grpc.RpcMethodHandler] | None = None) -> AsyncIterator[Harness]:
+async def serve(
+    extra: dict[str, grpc.RpcMethodHandler[Any, Any]] | None = None,
+) -> AsyncIterator[Harness]:
     """A real server on loopback with the interceptor, a fresh registry and a log capture."""
     registry = CollectorRegistry()
     logger = logging.getLogger(f"test.rpc.{uuid.uuid4().hex}")
@@ -335,15 +342,16 @@ async def test_client_stream_counts_each_request(harness: Harness, method: str) 
 
 
 async def test_health_check_and_watch(harness: Harness) -> None:
-    stub = health_pb2_grpc.HealthStub(harness.channel)
-    reply = await stub.Check(health_pb2.HealthCheckRequest(service=""))
+    reply = await check(harness.channel)(health_pb2.HealthCheckRequest(service=""))
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await stub.Check(health_pb2.HealthCheckRequest(service="nope"))
+        await check(harness.channel)(health_pb2.HealthCheckRequest(service="nope"))
     assert raised.value.code() is grpc.StatusCode.NOT_FOUND
-    watch = stub.Watch(health_pb2.HealthCheckRequest(service=""))
-    assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
-    watch.cancel()
+    call = watch(harness.channel)(health_pb2.HealthCheckRequest(service=""))
+    first = await call.read()
+    assert isinstance(first, health_pb2.HealthCheckResponse)
+    assert first.status == health_pb2.HealthCheckResponse.SERVING
+    call.cancel()
     lines = await harness.logs.wait_for_lines(3)
 
     health = "grpc.health.v1.Health"
@@ -361,9 +369,13 @@ async def test_health_check_and_watch(harness: Harness) -> None:
 
 
 async def test_reflection_bidi_stream(harness: Harness) -> None:
-    stub = reflection_pb2_grpc.ServerReflectionStub(harness.channel)
+    info = harness.channel.stream_stream(
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
     requests = [reflection_pb2.ServerReflectionRequest(list_services="")] * 2
-    replies = [r async for r in stub.ServerReflectionInfo(iter(requests))]
+    replies = [r async for r in info(iter(requests))]
     assert len(replies) == 2
     assert SERVICE in {s.name for s in replies[0].list_services_response.service}
     await harness.logs.wait_for_lines(1)

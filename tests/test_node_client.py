@@ -1,16 +1,31 @@
-"""The Node.js client (clients/node) against the live session server, with node's own runner."""
+"""The Node.js client (clients/node) against the app, with node's own test runner.
+
+The app runs in this process (on the test's event loop, cache off); ``node`` is a child
+process started with asyncio, so the loop keeps serving while node calls it.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.support.processes import ServerProcess
+from imageshare_emulator import Emulator
+from tests.support.inprocess import running
 
 NODE_DIR = Path(__file__).resolve().parent.parent / "clients" / "node"
+
+
+@dataclass(frozen=True)
+class NodeRun:
+    returncode: int
+    stdout: str
+    stderr: str
 
 
 @pytest.fixture(scope="module")
@@ -27,33 +42,48 @@ def node_modules() -> Path:
     return modules
 
 
-def run_node(args: list[str], target: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["node", *args],
+@pytest.fixture
+async def target(ecs: Emulator) -> AsyncIterator[str]:
+    async with running(ecs, "--cache-ttl", "0") as app:
+        yield app.target
+
+
+async def run_node(args: list[str], target: str) -> NodeRun:
+    process = await asyncio.create_subprocess_exec(
+        "node",
+        *args,
         cwd=NODE_DIR,
         env={**os.environ, "IMAGESHARE_TARGET": target},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), 120)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return NodeRun(process.returncode, out.decode(), err.decode())
 
 
-def test_node_client_suite(node_modules: Path, server: ServerProcess) -> None:
-    result = run_node(["--test", "test/"], server.target)
+@pytest.mark.toolchain
+async def test_node_client_suite(node_modules: Path, target: str) -> None:
+    result = await run_node(["--test", "test/"], target)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "# fail 0" in result.stdout
     assert "# pass 6" in result.stdout
 
 
-def test_node_example_runs(node_modules: Path, server: ServerProcess) -> None:
-    result = run_node(["example.js", server.target, "cn-hangzhou", "m-demo0000001"], server.target)
-    assert result.returncode == 0, result.stderr
-    *rows, summary = result.stdout.splitlines()
+@pytest.mark.toolchain
+async def test_node_example_runs(node_modules: Path, target: str) -> None:
+    listed, missing = await asyncio.gather(
+        run_node(["example.js", target, "cn-hangzhou", "m-demo0000001"], target),
+        run_node(["example.js", target, "cn-hangzhou", "m-doesnotexist0"], target),
+    )
+    assert listed.returncode == 0, listed.stderr
+    *rows, summary = listed.stdout.splitlines()
     assert len(rows) >= 120
     assert summary.startswith(f"# {len(rows)} of {len(rows)} accounts")
-    missing = run_node(
-        ["example.js", server.target, "cn-hangzhou", "m-doesnotexist0"], server.target
-    )
     assert missing.returncode == 3
     assert "NOT_FOUND" in missing.stderr

@@ -1,5 +1,6 @@
 """The Python client: retry/deadline/cancellation logic against a scripted gRPC server over real
-sockets, then end to end against a live server and emulator (fixtures in conftest.py)."""
+sockets, then end to end against the app and the emulator, both in this process (one test
+kills a server process)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 
@@ -26,9 +27,12 @@ from imageshare_client import (
     ImageShareClient,
     ImageShareError,
     RetryPolicy,
+    ShareList,
     StreamInterruptedError,
 )
-from imageshare_emulator import EmulatorAdmin
+from imageshare_emulator import Emulator
+from tests.support.images import new_image
+from tests.support.inprocess import InProcessApp, running
 from tests.support.processes import ServerProcess
 
 FAST_RETRY = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.05)
@@ -81,9 +85,10 @@ class ScriptedService(pb_grpc.ImageShareServiceServicer):
 
 
 def hang_until_cancelled(context: grpc.ServicerContext) -> None:
-    deadline = time.monotonic() + 10
-    while context.is_active() and time.monotonic() < deadline:
-        time.sleep(0.01)
+    """Send nothing more until the call ends (the client cancels or its deadline passes)."""
+    ended = threading.Event()
+    if context.add_callback(ended.set):  # False: the call has ended already
+        ended.wait(10)
 
 
 def abort_unavailable(context: grpc.ServicerContext) -> None:
@@ -216,9 +221,12 @@ def test_started_stream_is_never_retried(script: Script, target: str) -> None:
     script.messages = [message(["1", "2"], 5)]
     script.then = abort_unavailable
     received: list[str] = []
-    with no_channel_retry(target) as client, pytest.raises(StreamInterruptedError) as caught:
-        for account in client.list_shares("cn-hangzhou", "m-test"):
-            received.append(account.aliyun_id)
+    with no_channel_retry(target) as client:
+        accounts = iter(client.list_shares("cn-hangzhou", "m-test"))
+        received.append(next(accounts).aliyun_id)
+        received.append(next(accounts).aliyun_id)
+        with pytest.raises(StreamInterruptedError) as caught:
+            next(accounts)
     assert received == ["1", "2"]
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE
     assert caught.value.accounts_received == 2
@@ -286,26 +294,37 @@ def test_server_that_comes_up_after_the_first_attempt_is_reached() -> None:
         server.stop(grace=None)
 
 
-def test_cancel_reaches_the_server(script: Script, target: str) -> None:
+def test_leaving_the_listing_block_cancels_the_call(script: Script, target: str) -> None:
+    """Leaving ``with listing:`` early cancels the call, and nothing else does: the iterator
+    is still referenced (its ``finally`` would cancel too) and the channel stays open (closing
+    it would cancel every call on it)."""
     script.messages = [message(["1"], 2)]
     script.then = hang_until_cancelled
     with no_channel_retry(target) as client:
         listing = client.list_shares("cn-hangzhou", "m-test")
         with listing:
-            assert next(iter(listing)).aliyun_id == "1"
-        # leaving the block with the stream unfinished cancelled it
-        assert not script.cancelled.is_set() or listing.accounts_received == 1
-    assert script.cancelled.wait(5)
+            accounts = iter(listing)
+            assert next(accounts).aliyun_id == "1"
+            assert not script.cancelled.is_set()  # the call is open while the block runs
+        assert script.cancelled.wait(5)
+        assert listing.accounts_received == 1
+        assert list(accounts) == []  # a cancelled listing ends quietly
+    assert script.calls == 1
 
 
 def test_breaking_out_of_the_loop_cancels(script: Script, target: str) -> None:
+    """The loop's iterator is closed by ``break``; the listing (and so its grpc call, which
+    grpc would cancel once unreferenced) is still held, as is the channel: only the
+    listing's own cancel can end the call."""
     script.messages = [message(["1"], 2)]
     script.then = hang_until_cancelled
     with no_channel_retry(target) as client:
-        for account in client.list_shares("cn-hangzhou", "m-test"):
+        listing = client.list_shares("cn-hangzhou", "m-test")
+        for account in listing:
             assert account.aliyun_id == "1"
             break
         assert script.cancelled.wait(5)
+        assert listing.accounts_received == 1
 
 
 def test_is_shared_with_stops_reading_once_it_knows(script: Script, target: str) -> None:
@@ -313,7 +332,7 @@ def test_is_shared_with_stops_reading_once_it_knows(script: Script, target: str)
     script.then = hang_until_cancelled
     with no_channel_retry(target) as client:
         assert client.is_shared_with("cn-hangzhou", "m-test", "2")
-    assert script.cancelled.wait(5)
+        assert script.cancelled.wait(5)  # with the channel still open
 
 
 def test_is_shared_with_public_image(script: Script, target: str) -> None:
@@ -364,10 +383,12 @@ async def test_async_task_cancellation_cancels_the_rpc(script: Script, target: s
     async with AsyncImageShareClient(target, retry=NO_RETRY) as client:
         task = asyncio.create_task(consume(client))
         await asyncio.wait_for(first.wait(), 5)
+        assert not script.cancelled.is_set()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-    assert await asyncio.to_thread(script.cancelled.wait, 5)
+        # The server hears of it while the channel is still open.
+        assert await asyncio.to_thread(script.cancelled.wait, 5)
 
 
 async def test_async_deadline(script: Script, target: str) -> None:
@@ -378,122 +399,153 @@ async def test_async_deadline(script: Script, target: str) -> None:
     assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
-# --- end to end: client -> imageshare-server -> httpx -> standalone ECS emulator -------------
-# Fixtures from tests/conftest.py: `server` (session, cache off), `emulator` (admin, knobs reset
-# around each test), `start_server` (a server of one's own, stopped after the test).
+# --- end to end: client -> the app -> httpx -> ECS emulator ---------------------------------
+# The app runs in this process on the test's event loop (tests/support/inprocess.py) against
+# the in-process emulator (`ecs`, knobs reset around each test). The blocking client runs in
+# a worker thread (`asyncio.to_thread`) so that the loop keeps serving it.
 
 REGION = "cn-hangzhou"
+DEMO = "m-demo0000001"  # 137 accounts: two upstream pages
 
 
-def new_image(emulator: EmulatorAdmin, image_id: str, count: int) -> None:
-    emulator.upsert_image(
-        {
-            "region_id": REGION,
-            "image_id": image_id,
-            "accounts": [
-                {"aliyun_id": str(1_000_000 + i), "shared_time": "2025-01-01T00:00:00Z"}
-                for i in range(count)
-            ],
-            "share_groups": [],
-        }
-    )
+@pytest.fixture
+async def live(ecs: Emulator) -> AsyncIterator[InProcessApp]:
+    """An app of this test's own, cache off (every listing reads the upstream)."""
+    async with running(ecs, "--cache-ttl", "0") as app:
+        yield app
 
 
-def test_live_large_listing_in_chunks(server: ServerProcess) -> None:
-    with ImageShareClient(server.target) as client:
-        listing = client.list_shares(REGION, "m-demo0000001", page_size=7, bypass_cache=True)
-        result = listing.collect()
+async def test_live_large_listing_in_chunks(live: InProcessApp) -> None:
+    def collect() -> ShareList:
+        with ImageShareClient(live.target) as client:
+            listing = client.list_shares(REGION, DEMO, page_size=7, bypass_cache=True)
+            return listing.collect()
+
+    result = await asyncio.to_thread(collect)
     ids = [a.aliyun_id for a in result.accounts]
     assert len(ids) >= 120
     assert len(set(ids)) == len(ids) == result.metadata.total_count
     assert result.metadata.region_id == REGION
-    assert result.metadata.image_id == "m-demo0000001"
+    assert result.metadata.image_id == DEMO
     assert result.metadata.cache_status is CacheStatus.BYPASS
     assert result.upstream_request_ids  # quoted to support when something looks wrong
     assert not result.metadata.is_public
     assert all(a.shared_time is not None for a in result.accounts)
+    assert len(live.logs.rpc_lines()) == 1  # one call: no retry, no second stream
 
 
-def test_live_sync_stream_is_read_on_the_calling_thread(server: ServerProcess) -> None:
-    """No hand-over of each message from a grpc thread: no thread appears while streaming."""
-    with ImageShareClient(server.target) as client:
-        before = set(threading.enumerate())
-        listing = client.list_shares(REGION, "m-demo0000001", page_size=7)
-        accounts = iter(listing)
-        next(accounts)
-        during = set(threading.enumerate())
-        rest = list(accounts)
-    assert during - before == set()
-    assert len(rest) + 1 == listing.metadata.total_count
+async def test_live_sync_stream_is_read_on_the_calling_thread(ecs: Emulator) -> None:
+    """No hand-over of each message from a grpc thread: no thread appears while streaming.
+
+    The listing is a cache hit (read once before), so that nothing else in this process (the
+    emulator's request threads) starts a thread meanwhile.
+    """
+    async with running(ecs, "--cache-ttl", "60") as app:
+        await app.list(region_id=REGION, image_id=DEMO)
+
+        def stream() -> tuple[set[threading.Thread], int, int, CacheStatus]:
+            with ImageShareClient(app.target) as client:
+                listing = client.list_shares(REGION, DEMO, page_size=7)
+                before = set(threading.enumerate())
+                accounts = iter(listing)
+                next(accounts)
+                during = set(threading.enumerate())
+                rest = list(accounts)
+            meta = listing.metadata
+            return during - before, len(rest) + 1, meta.total_count, meta.cache_status
+
+        appeared, received, total, cache_status = await asyncio.to_thread(stream)
+    assert cache_status is CacheStatus.HIT
+    assert appeared == set()
+    assert received == total == 137
 
 
-def test_live_public_and_unshared_images(server: ServerProcess) -> None:
-    with ImageShareClient(server.target) as client:
-        assert client.list_shares(REGION, "m-demo0000002").metadata.share_groups == ("all",)
-        assert client.is_shared_with(REGION, "m-demo0000002", "424242")
-        empty = client.list_shares(REGION, "m-demo0000003").collect()
-        assert empty.accounts == ()
-        assert empty.metadata.total_count == 0
-        assert not client.is_shared_with(REGION, "m-demo0000003", "424242")
-        last = client.list_shares(REGION, "m-demo0000001").collect().accounts[-1]
-        assert client.is_shared_with(REGION, "m-demo0000001", last.aliyun_id)
+async def test_live_public_and_unshared_images(live: InProcessApp) -> None:
+    def ask() -> None:
+        with ImageShareClient(live.target) as client:
+            assert client.list_shares(REGION, "m-demo0000002").metadata.share_groups == ("all",)
+            assert client.is_shared_with(REGION, "m-demo0000002", "424242")
+            empty = client.list_shares(REGION, "m-demo0000003").collect()
+            assert empty.accounts == ()
+            assert empty.metadata.total_count == 0
+            assert not client.is_shared_with(REGION, "m-demo0000003", "424242")
+            last = client.list_shares(REGION, DEMO).collect().accounts[-1]
+            assert client.is_shared_with(REGION, DEMO, last.aliyun_id)
+
+    await asyncio.to_thread(ask)
 
 
-def test_live_errors_are_typed(server: ServerProcess) -> None:
-    with ImageShareClient(server.target) as client:
-        with pytest.raises(ImageShareError) as missing:
-            client.list_shares(REGION, "m-doesnotexist0").collect()
-        with pytest.raises(ImageShareError) as invalid:
-            client.list_shares("Not a region", "m-demo0000001").collect()
-    assert missing.value.code == grpc.StatusCode.NOT_FOUND
-    assert missing.value.reason  # the upstream Code, from google.rpc.ErrorInfo
-    assert missing.value.attempts == 1  # NOT_FOUND is never retried
-    assert invalid.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert "region_id" in [v.field for v in invalid.value.field_violations]
+async def test_live_errors_are_typed(live: InProcessApp) -> None:
+    def fail(region: str, image: str) -> ImageShareError:
+        with ImageShareClient(live.target) as client, pytest.raises(ImageShareError) as caught:
+            client.list_shares(region, image).collect()
+        return caught.value
+
+    missing = await asyncio.to_thread(fail, REGION, "m-doesnotexist0")
+    invalid = await asyncio.to_thread(fail, "Not a region", DEMO)
+    assert missing.code == grpc.StatusCode.NOT_FOUND
+    assert missing.reason  # the upstream Code, from google.rpc.ErrorInfo
+    assert missing.attempts == 1  # NOT_FOUND is never retried
+    assert invalid.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "region_id" in [v.field for v in invalid.field_violations]
 
 
-def test_live_unavailable_before_first_message_is_retried(
-    emulator: EmulatorAdmin, start_server: Callable[..., ServerProcess]
-) -> None:
-    server = start_server("--upstream-max-attempts=1", "--cache-ttl=0")
-    new_image(emulator, "m-retry0000001", 3)
-    emulator.fault("error_code", count=1, status=503, code="ServiceUnavailable")
-    errors: list[str] = []
-    with ImageShareClient(
-        server.target,
-        retry=FAST_RETRY,
-        service_config=None,
-        on_retry=lambda _n, e, _d: errors.append(e.code_name),
-    ) as client:
-        listing = client.list_shares(REGION, "m-retry0000001")
-        assert len(listing.collect().accounts) == 3
-    assert errors == ["UNAVAILABLE"]
-    assert listing.attempts == 2
+async def test_live_unavailable_before_first_message_is_retried(ecs: Emulator) -> None:
+    async with running(ecs, "--upstream-max-attempts=1", "--cache-ttl=0") as app:
+        image, _ = new_image(ecs.knobs, 3)
+        ecs.knobs.fault("error_code", count=1, status=503, code="ServiceUnavailable")
+        errors: list[str] = []
+
+        def collect() -> tuple[int, int]:
+            with ImageShareClient(
+                app.target,
+                retry=FAST_RETRY,
+                service_config=None,
+                on_retry=lambda _n, e, _d: errors.append(e.code_name),
+            ) as client:
+                listing = client.list_shares(REGION, image)
+                return len(listing.collect().accounts), listing.attempts
+
+        accounts, attempts = await asyncio.to_thread(collect)
+        assert accounts == 3
+        assert errors == ["UNAVAILABLE"]
+        assert attempts == 2
+        assert [line["code"] for line in app.logs.rpc_lines()] == ["Unavailable", "OK"]
 
 
-def test_live_deadline(server: ServerProcess, emulator: EmulatorAdmin) -> None:
-    emulator.set(latency_ms=3000)
-    started = time.monotonic()
-    with ImageShareClient(server.target) as client, pytest.raises(ImageShareError) as caught:
-        client.list_shares(REGION, "m-demo0000001", bypass_cache=True, timeout=0.5).collect()
-    assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert time.monotonic() - started < 2.5
+async def test_live_deadline(live: InProcessApp, ecs: Emulator) -> None:
+    ecs.knobs.set(latency_ms=3000)
+
+    def late() -> tuple[ImageShareError, float]:
+        started = time.monotonic()
+        with ImageShareClient(live.target) as client, pytest.raises(ImageShareError) as caught:
+            client.list_shares(REGION, DEMO, bypass_cache=True, timeout=0.5).collect()
+        return caught.value, time.monotonic() - started
+
+    error, took = await asyncio.to_thread(late)
+    assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert took < 2.5
 
 
+@pytest.mark.subprocess
 def test_live_server_killed_mid_stream_fails_clearly(
-    emulator: EmulatorAdmin, start_server: Callable[..., ServerProcess]
+    ecs: Emulator, start_server: Callable[..., ServerProcess]
 ) -> None:
     """A stream that delivered accounts is not silently restarted when its server dies.
+
+    A subprocess on purpose: the server is SIGKILLed, so its connection drops with no
+    status at all, as when a pod is killed; an app in this process can only be stopped
+    politely. The upstream is the in-process emulator.
 
     The server streams only once the whole list is read, and then all at once; so the
     list is far larger than HTTP/2 flow control lets the server send ahead of a caller
     that has read one message: the server is still streaming when it is killed.
     """
-    server = start_server("--upstream-qps", "0")
+    server = start_server("--upstream-qps", "0", upstream=ecs.url)
     total = 20_000
-    new_image(emulator, "m-slow00000001", total)
+    image, _ = new_image(ecs.knobs, total)
     with ImageShareClient(server.target) as client:
-        listing = client.list_shares(REGION, "m-slow00000001", page_size=5, bypass_cache=True)
+        listing = client.list_shares(REGION, image, page_size=5, bypass_cache=True)
         accounts = iter(listing)
         next(accounts)
         server.proc.kill()
@@ -505,13 +557,16 @@ def test_live_server_killed_mid_stream_fails_clearly(
     assert listing.attempts == 1
 
 
-async def test_live_async_client_matches_sync(server: ServerProcess) -> None:
-    async with AsyncImageShareClient(server.target) as client:
-        listing = client.list_shares(REGION, "m-demo0000001", page_size=100)
+async def test_live_async_client_matches_sync(live: InProcessApp) -> None:
+    async with AsyncImageShareClient(live.target) as client:
+        listing = client.list_shares(REGION, DEMO, page_size=100)
         meta = await listing.start()
         ids = [a.aliyun_id async for a in listing]
         assert await client.is_shared_with(REGION, "m-demo0000002", "1")
-    with ImageShareClient(server.target) as sync_client:
-        expected = [a.aliyun_id for a in sync_client.list_shares(REGION, "m-demo0000001")]
-    assert ids == expected
+
+    def sync_ids() -> list[str]:
+        with ImageShareClient(live.target) as sync_client:
+            return [a.aliyun_id for a in sync_client.list_shares(REGION, DEMO)]
+
+    assert ids == await asyncio.to_thread(sync_ids)
     assert meta.total_count == len(ids)

@@ -13,7 +13,7 @@ import itertools
 import json
 import threading
 import time
-from collections.abc import Callable
+from typing import Any
 
 import grpc
 import pytest
@@ -28,6 +28,7 @@ from imageshare_server.ratelimit import JITTER_GUARD
 from tests.support.attacks import ZeroWindowAttacker
 from tests.support.clock import ManualClock
 from tests.support.inprocess import InProcessApp, Request, running
+from tests.support.waiting import until, wait_until
 
 REGION = "cn-hangzhou"
 DEMO = "m-demo0000001"
@@ -45,16 +46,6 @@ def new_image(emulator: Emulator, accounts: int) -> str:
         }
     )
     return image_id
-
-
-async def until(predicate: Callable[[], bool], within: float = 10.0) -> float:
-    """Wait for a condition the test cannot be notified of; returns how long it took."""
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > within:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
-    return time.monotonic() - started
 
 
 async def timed_error(
@@ -87,9 +78,9 @@ async def test_one_connection_of_zero_window_streams_cannot_lock_out_other_calle
             cold = new_image(ecs, 3)
             listed = await app.list(region_id=REGION, image_id=cold, rpc_timeout=5)
             assert len(listed[0].accounts) == 3
-            # The streams the attacker never reads are let go after the stall timeout.
-            took = await until(lambda: service.active == 0, within=5)
-            assert took < 2.5
+            # The streams the attacker never reads are let go after the stall timeout (the
+            # connection's age, the other way they could end, is far longer).
+            await until(lambda: service.active == 0, within=10)
         finally:
             await asyncio.to_thread(attacker.close)
         stalled = [
@@ -119,17 +110,24 @@ async def test_callers_that_stop_reading_large_streams_are_let_go(ecs: Emulator)
         await until(lambda: service.active == 50)
         hit = await app.list(region_id=REGION, image_id=DEMO, rpc_timeout=5)
         assert len(hit[-1].accounts) > 0
-        took = await until(lambda: service.active == 0, within=5)
-        assert took < 2.5
+        await until(lambda: service.active == 0, within=10)
         for call in calls:
             call.cancel()
+        stalled = [
+            line
+            for line in app.logs.rpc_lines()
+            if line["code"] == "Unavailable" and "read nothing" in str(line.get("error"))
+        ]
+        assert len(stalled) == 50
 
 
 # --- reads die with their callers --------------------------------------------------------
 
 
-def _cancel_storm(target: str, waves: int, per_wave: int, halfway: threading.Event) -> None:
-    """From a thread of its own: waves of calls, each cancelled 30 ms after it started."""
+def _cancel_storm(
+    target: str, waves: int, per_wave: int, halfway: threading.Event, service: Any
+) -> None:
+    """From a thread of its own: waves of calls, each cancelled once the service has it."""
     with grpc.insecure_channel(target) as channel:
         stub = image_share_pb2_grpc.ImageShareServiceStub(channel)
         for wave in range(waves):
@@ -139,7 +137,9 @@ def _cancel_storm(target: str, waves: int, per_wave: int, halfway: threading.Eve
                 )
                 for i in range(per_wave)
             ]
-            time.sleep(0.03)
+            # Cancelled calls the service never saw would test nothing: wait (a bounded
+            # while) until most of the wave is being served, as a real storm's would be.
+            wait_until(lambda: service.active >= per_wave * 9 // 10, within=10)
             for call in calls:
                 call.cancel()
             if wave == waves // 2:
@@ -160,23 +160,23 @@ async def test_a_cancel_storm_cannot_spend_the_quota_or_starve_cold_reads(ecs: E
         legit = [new_image(ecs, 2) for _ in range(3)]
         halfway = threading.Event()
         started = time.monotonic()
-        storm = asyncio.create_task(asyncio.to_thread(_cancel_storm, app.target, 8, 100, halfway))
+        storm = asyncio.create_task(
+            asyncio.to_thread(_cancel_storm, app.target, 8, 100, halfway, app.runtime.service)
+        )
         await asyncio.to_thread(halfway.wait, 10)
-        cold_started = time.monotonic()
         cold = [
-            asyncio.create_task(app.list(region_id=REGION, image_id=image, rpc_timeout=10))
+            asyncio.create_task(app.list(region_id=REGION, image_id=image, rpc_timeout=5))
             for image in legit
         ]
         for task in cold:  # cold reads started in the middle of the storm complete normally
             assert len((await task)[0].accounts) == 2
-        assert time.monotonic() - cold_started < 3
         await storm
         storm_took = time.monotonic() - started
         await until(lambda: app.runtime.source.flights == 0)
         seen = [
             line for line in app.logs.rpc_lines() if str(line.get("image")).startswith("m-gone")
         ]
-        assert len(seen) > 400  # most of the storm reached the service
+        assert len(seen) >= 8 * 90  # the storm reached the service
         # Sent while callers were still there: at most the burst plus the tokens the storm's
         # duration refilled; after they left, only the orphan reads went on.
         allowed = burst + int(20 * storm_took) + 1 + orphans + len(legit)

@@ -83,6 +83,9 @@ class _HTTPServer(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes; with Nagle on, the body waits for the
+    # client's delayed ACK (about 40 ms per call on Linux), which no real endpoint adds.
+    disable_nagle_algorithm = True
     server: _HTTPServer
 
     def do_GET(self) -> None:
@@ -129,6 +132,7 @@ class _Handler(BaseHTTPRequestHandler):
         knobs = emulator.knobs
         generation = knobs.enter(request.action or "", params, request.nonce)
         outcome = "Success"
+        counted = False
         try:
             delay = knobs.latency_seconds()
             if delay > 0:
@@ -142,9 +146,14 @@ class _Handler(BaseHTTPRequestHandler):
             outcome = response.code
             if fault is not None and fault.mode != "error_code":
                 outcome = f"fault:{fault.mode}"
+            # Counted before the answer leaves: a client that has read it may look at the
+            # counters at once and must find its call there.
+            knobs.leave(generation, outcome, request.signature_version)
+            counted = True
             self._send(response, fault)
         finally:
-            knobs.leave(generation, outcome, request.signature_version)
+            if not counted:
+                knobs.leave(generation, outcome, request.signature_version)
 
     def _send(self, response: EmulatorResponse, fault: Fault | None = None) -> None:
         if fault is not None and fault.mode == "raw":

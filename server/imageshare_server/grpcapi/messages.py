@@ -7,11 +7,10 @@ messages.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from typing import TypeAlias
 
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import timestamp_pb2
 
 from imageshare.v1 import image_share_pb2
 from imageshare_server.cache import CacheEntry
@@ -29,7 +28,6 @@ PROTO_CACHE_STATUS: dict[CacheStatus | None, ProtoCacheStatus] = {
     CacheStatus.BYPASS: image_share_pb2.CACHE_STATUS_BYPASS,
     CacheStatus.COALESCED: image_share_pb2.CACHE_STATUS_COALESCED,
 }
-_CACHED = (CacheStatus.HIT, CacheStatus.STALE)
 
 
 def build_cached_messages(entry: CacheEntry, query: ShareQuery) -> Callable[[], list[bytes]]:
@@ -74,7 +72,11 @@ def account_message(account: Account) -> image_share_pb2.SharedAccount:
 
 
 class MessageBuilder:
-    """Accumulates chunks, emits full messages; ``finish`` sends the rest (>= 1 message)."""
+    """Accumulates chunks, emits full messages; ``finish`` sends the rest (>= 1 message).
+
+    It builds fresh reads (and, with no status, the cached form of a list); a cached
+    list's ``cache_age`` comes from ``hit_suffix`` at the moment of each call.
+    """
 
     def __init__(self, query: ShareQuery) -> None:
         self._query = query
@@ -122,8 +124,6 @@ class MessageBuilder:
             message.share_groups.extend(image_share_pb2.ShareGroup(group=g) for g in self._groups)
         if self._read_time:
             message.read_time.CopyFrom(_timestamp(self._read_time))
-            if self._status in _CACHED:
-                message.cache_age.CopyFrom(_age(self._read_time))
         self._sent += 1
         return message
 
@@ -132,9 +132,3 @@ def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
     stamp.FromNanoseconds(int(seconds * 1e9))
     return stamp
-
-
-def _age(read_time: float) -> duration_pb2.Duration:
-    age = duration_pb2.Duration()
-    age.FromNanoseconds(max(0, int((time.time() - read_time) * 1e9)))
-    return age

@@ -263,7 +263,8 @@ def main() -> None:
             )
         )
 
-        server = ServerProcess("--cache-ttl", "300", "--upstream-qps", "0", upstream=emulator.url)
+        # Default settings (rate limit included) but a cache long enough for (c).
+        server = ServerProcess("--cache-ttl", "300", upstream=emulator.url)
         servers.append(server)
         channel = grpc.insecure_channel(server.target)
         stub = image_share_pb2_grpc.ImageShareServiceStub(channel)
@@ -277,11 +278,11 @@ def main() -> None:
         cold = time.perf_counter() - started
         rows.append(
             (
-                "(b) façade, cold (parallel pages)",
+                "(b) façade, cold, default settings (page 1, then the rest at once)",
                 cold,
                 f"{baseline / cold:.1f}x faster",
                 upstream_calls(admin),
-                "target >= 5x",
+                "target >= 8x",
             )
         )
 

@@ -1,4 +1,4 @@
-"""Issue 3 end to end: cache, single-flight, parallel pages, rate limit, overload.
+"""End to end: cache, single-flight, parallel pages, rate limit, overload.
 
 The app runs in the test's process against the in-process emulator. Each test uploads
 its own image, so cache entries never leak between tests, and counts upstream calls with
@@ -204,15 +204,27 @@ async def test_a_cancelling_caller_does_not_cancel_the_shared_read(ecs: Emulator
         assert sorted(line["code"] for line in app.logs.rpc_lines()) == ["Canceled", "OK"]
 
 
-async def test_pages_after_the_first_are_read_in_parallel(ecs: Emulator) -> None:
+async def test_pages_beyond_the_burst_are_read_a_bounded_number_at_a_time(ecs: Emulator) -> None:
     image_id, ids = new_image(ecs.knobs, 1000)
     ecs.knobs.set(latency_ms=100)
-    async with running(ecs, "--cache-ttl", "0", "--upstream-parallel-pages", "4") as app:
+    async with running(
+        ecs, "--cache-ttl", "0", "--upstream-parallel-pages", "4", "--upstream-burst", "5"
+    ) as app:
         assert account_ids(await app.list(region_id=REGION, image_id=image_id)) == ids
         counters = ecs.knobs.counters()
-        # 10 pages; after page 1, at most 4 at a time (the per-listing bound), and more than 1.
+        # 10 pages, 9 after page 1: more than the burst, so at most 4 at a time.
         assert app.upstream_calls(image_id) == 10
         assert 1 < counters["max_in_flight"] <= 4
+
+
+async def test_pages_that_fit_in_the_burst_are_read_in_one_wave(ecs: Emulator) -> None:
+    """Default settings: a 2,000-account list is page 1, then the other 19 pages at once."""
+    image_id, ids = new_image(ecs.knobs, 2000)
+    ecs.knobs.set(latency_ms=500)  # every page call overlaps the others, even on a busy CPU
+    async with running(ecs, "--cache-ttl", "0") as app:
+        assert account_ids(await app.list(region_id=REGION, image_id=image_id)) == ids
+        assert app.upstream_calls(image_id) == 20
+        assert ecs.knobs.counters()["max_in_flight"] == 19
 
 
 async def test_upstream_rate_limit_refuses_what_cannot_be_served_before_the_deadline(
@@ -246,7 +258,7 @@ async def test_upstream_rate_limit_refuses_what_cannot_be_served_before_the_dead
 
 async def test_calls_beyond_the_concurrency_limit_are_refused_at_once(ecs: Emulator) -> None:
     image_id, _ = new_image(ecs.knobs, 1)
-    ecs.knobs.set(latency_ms=1000)
+    ecs.knobs.set(latency_ms=500)  # every page call overlaps the others, even on a busy CPU
     async with running(ecs, "--cache-ttl", "0", "--max-concurrent-rpcs", "2") as app:
         stub = app.stub()
         busy = [asyncio.create_task(list_on(stub, image_id)) for _ in range(2)]

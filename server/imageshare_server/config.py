@@ -96,7 +96,10 @@ class Settings:
         20, "Upstream calls that may go at once before the QPS applies.", minimum=1
     )
     upstream_parallel_pages: int = _opt(
-        10, "Pages of one share list read at the same time after page 1.", minimum=1
+        10,
+        "Pages of one share list read at the same time after page 1, when they do not all "
+        "fit in --upstream-burst (those that do are read at once).",
+        minimum=1,
     )
     upstream_max_in_flight: int = _opt(
         64,

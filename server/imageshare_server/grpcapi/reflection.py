@@ -22,7 +22,9 @@ def enable_reflection(service_names: Sequence[str], server: grpc.aio.Server) -> 
     """Serve reflection for ``service_names`` (both reflection services are added to them)."""
     names = (*service_names, V1ALPHA_SERVICE_NAME, V1_SERVICE_NAME)
     servicer = reflection.aio.ReflectionServicer(names)  # the one v1alpha's path serves too
-    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(  # type: ignore[no-untyped-call,unused-ignore]
+        servicer, server
+    )
     handler = grpc.method_handlers_generic_handler(
         V1_SERVICE_NAME,
         {

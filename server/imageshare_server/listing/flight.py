@@ -371,6 +371,18 @@ class Flight:
         if needed > left * 0.8:
             raise ShareListTooLargeError(total_count, pages, needed, options.timeout)
 
+    def _wave(self, other_pages: int) -> int:
+        """How many of a list's other pages to read at once.
+
+        All of them when they fit in the rate limit's burst (page 1 took one token): the
+        read then takes two round trips. A list larger than that would only queue in the
+        limiter, so it is read ``max_parallel_pages`` at a time, leaving room for others.
+        """
+        options = self._options
+        if options.upstream_qps > 0 and other_pages < options.upstream_burst:
+            return max(1, other_pages, options.max_parallel_pages)
+        return options.max_parallel_pages
+
     async def _read_snapshot(self) -> list[SharePage]:
         """Read and check every page; nothing is published until the snapshot is whole.
 
@@ -381,16 +393,18 @@ class Flight:
         """
         early: dict[int, asyncio.Future[SharePage]] = {}
         expected = self.spec.expected_total
-        limit = asyncio.Semaphore(self._options.max_parallel_pages)
+        limit: asyncio.Semaphore | None = None
         size = self._page_size
 
         async def bounded(number: int) -> SharePage:
+            assert limit is not None
             async with limit:
                 return await self._fetch(number, size)
 
         if expected is not None:
             # A refresh: the previous TotalCount says how many pages to ask for at once.
             self._refuse_if_too_large(expected)
+            limit = asyncio.Semaphore(self._wave(page_count(expected, size) - 1))
             early = {
                 n: asyncio.ensure_future(bounded(n))
                 for n in range(2, page_count(expected, self._page_size) + 1)
@@ -404,6 +418,8 @@ class Flight:
                 size = self._page_size
             checker = SnapshotChecker(first, self._page_size)
             self._refuse_if_too_large(checker.total_count)
+            if limit is None:
+                limit = asyncio.Semaphore(self._wave(checker.pages - 1))
             for number in list(early):
                 if number > checker.pages:
                     early.pop(number).cancel()

@@ -48,7 +48,8 @@ class MetricsServer:
         def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
             path = environ.get("PATH_INFO", "")
             if path == "/metrics":
-                return metrics(environ, start_response)
+                served: Iterable[bytes] = metrics(environ, start_response)
+                return served
             if path == "/healthz":
                 return _plain(start_response, "200 OK", "ok\n")
             if path == "/readyz":

@@ -236,9 +236,13 @@ def test_podman_stop_drains_a_call_and_exits_0(
         assert took < GRACE_PERIOD, f"podman stop took {took:.1f} s"
         assert container.proc.wait(30) == 0, "the container's exit status"
         assert len(account_ids(listed[0])) == DEMO_ACCOUNTS
-        events = [record.get("event") for record in container.records()]
+        records = container.records()
+        events = [record["event"] for record in records if "event" in record]
         assert events.index("draining") < events.index("stopped")
-        assert events[-1] == "stopped"
+        assert events[-1] == "stopped", container.log_text[-3000:]
+        after = records[[r.get("event") for r in records].index("draining") :]
+        errors = [r for r in after if r.get("level") in ("error", "critical")]
+        assert not errors, container.log_text[-3000:]
     finally:
         container.remove()
 

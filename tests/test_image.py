@@ -115,7 +115,12 @@ class Container(Process):
                 "ALIBABA_CLOUD_ACCESS_KEY_SECRET": DEMO_ACCESS_KEY_SECRET,
             }
         )
-        super().__init__(argv, env, "serving")
+        try:
+            super().__init__(argv, env, "serving")
+        except BaseException:
+            # It never served (or the wait was cut short): leave no container behind.
+            podman("rm", "--force", "--time", "0", self.name)
+            raise
         self.target = f"127.0.0.1:{self.ready['grpc_port']}"
         self.metrics_url = f"http://127.0.0.1:{self.ready['metrics_port']}/metrics"
 

@@ -89,12 +89,19 @@ if [ -f "$ca_bundle" ]; then
     volumes=(--volume "$ca_bundle:$ca_bundle:ro")
 fi
 
+# The labels go on the command line as well as through the build arguments: buildah 1.28
+# (Debian's podman 4.3) keys its layer cache on the unexpanded LABEL instruction, so a new
+# REVISION alone would get the previous build's labels back from the cache.
 started=$(date +%s)
 podman build "$pull" "${volumes[@]}" \
     --build-arg PYTHON_IMAGE="$base" \
     --build-arg VERSION="$version" \
     --build-arg REVISION="$revision" \
     --build-arg CREATED="$created" \
+    --label org.opencontainers.image.version="$version" \
+    --label org.opencontainers.image.revision="$revision" \
+    --label org.opencontainers.image.created="$created" \
+    --label org.opencontainers.image.base.name="$base" \
     --iidfile "$work/iid" \
     -t "$image:$version" -t "$image:latest" \
     -f "$root/Dockerfile" "$root" >&2

@@ -41,18 +41,6 @@ RUN pip install --no-cache-dir --no-deps ./clients/python . \
 
 FROM ${PYTHON_IMAGE} AS runtime
 
-ARG VERSION=0.1.0
-ARG REVISION=unknown
-ARG CREATED=unknown
-
-LABEL org.opencontainers.image.title="imageshare-server" \
-      org.opencontainers.image.description="gRPC service: who is a custom Alibaba Cloud ECS image shared with?" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.revision="${REVISION}" \
-      org.opencontainers.image.created="${CREATED}" \
-      org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.base.name="docker.io/library/python:3.11.14-slim-bookworm"
-
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/venv/bin:$PATH \
@@ -69,3 +57,19 @@ EXPOSE 50051 9464
 STOPSIGNAL SIGTERM
 
 ENTRYPOINT ["imageshare-server"]
+
+# Labels last: a new revision changes only this metadata step, never a layer above it.
+# The base's name is the PYTHON_IMAGE the build used (make image passes a stand-in made
+# from Debian packages where no registry is reachable).
+ARG PYTHON_IMAGE
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG CREATED=unknown
+
+LABEL org.opencontainers.image.title="imageshare-server" \
+      org.opencontainers.image.description="gRPC service: who is a custom Alibaba Cloud ECS image shared with?" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.created="${CREATED}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.base.name="${PYTHON_IMAGE}"

@@ -9,7 +9,7 @@ METRICS_LISTEN ?= 127.0.0.1:9464
 PACKAGES := pyproject.toml clients/python/pyproject.toml emulator/pyproject.toml
 
 .PHONY: run test bootstrap check lint format typecheck proto proto-check pytest emulator lock \
-	readme callers bench clean
+	readme callers bench image image-test clean
 
 # Third-party packages come only from the hash-checked lock; the three distributions of
 # this repository are then installed editable, without dependencies of their own.
@@ -29,6 +29,7 @@ emulator: $(STAMP)
 	$(BIN)/imageshare-emulator --listen 127.0.0.1:8080
 
 ## test: every check CI runs: system packages, lint, types, generated code, the test suite
+## (which builds the image and runs it: tests/test_image.py, the same as make image-test)
 test: bootstrap check pytest
 
 ## bootstrap: install the Debian packages the tests need, when missing (apt-get)
@@ -77,6 +78,16 @@ readme: $(STAMP)
 ## callers: Go and Java stubs for callers in gen/ (Debian's protoc plugins, offline)
 callers: $(STAMP) bootstrap
 	PATH=$(CURDIR)/$(BIN):$$PATH scripts/gen_callers.sh gen/
+
+## image: build the image with podman (on a stand-in base from Debian packages, built once,
+## where no registry is reachable; PYTHON_IMAGE=python:3.11.14-slim-bookworm for the official)
+image: $(STAMP) bootstrap
+	PYTHON=$(CURDIR)/$(BIN)/python scripts/image/build.sh
+
+## image-test: build the image and run it as production does (read-only, no capabilities,
+## UID 10001) against the emulator on the host; also part of make test
+image-test: image
+	$(BIN)/pytest tests/test_image.py
 
 ## bench: the façade benchmark (about a minute); see bench/README.md
 bench: $(STAMP)

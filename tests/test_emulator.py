@@ -1,4 +1,8 @@
-"""The ECS emulator, called over real sockets with requests signed by our own signer."""
+"""The ECS emulator, called over real sockets with requests signed by our own signer.
+
+The emulator runs in this process (a thread serves each request); only the tests of the
+``imageshare-emulator`` command (stderr, ``--data``, exit codes) start it as a process.
+"""
 
 from __future__ import annotations
 
@@ -873,7 +877,10 @@ def read_line(proc: subprocess.Popen[str], timeout: float = 20.0) -> str:
     raise AssertionError("no line from the emulator process")
 
 
+@pytest.mark.subprocess
 def test_cli_runs_until_sigterm(tmp_path: Path, client: httpx.Client) -> None:
+    """The ``imageshare-emulator`` command itself: its ready line on stderr, ``--data``, the
+    credentials from its environment, and exit code 0 on SIGTERM need a process of its own."""
     data_file = write_data(tmp_path / "data.json")
     env = {
         "PATH": "/usr/bin:/bin",
@@ -923,7 +930,9 @@ def test_cli_runs_until_sigterm(tmp_path: Path, client: httpx.Client) -> None:
             proc.wait()
 
 
+@pytest.mark.subprocess
 def test_cli_rejects_a_bad_data_file(tmp_path: Path) -> None:
+    """The command's exit code (2) and its last stderr line: only a process has them."""
     bad = tmp_path / "bad.json"
     bad.write_text("not json")
     result = subprocess.run(

@@ -1,8 +1,12 @@
-"""Issue 8 end to end: replicas sharing a real redis-server, against the real emulator.
+"""Issue 8 end to end: replicas sharing a real redis-server, against the emulator.
 
-Every test starts its own redis-server (tests.support.redis_server) and its
-own server processes, uploads its own image, and counts upstream calls with
-the emulator's counters.
+Every test starts its own redis-server (tests.support.redis_server) on a free
+port and uploads its own image; upstream calls are counted by the emulator.
+The replicas run in this process (tests.support.inprocess: each has its own
+registry, cache, single-flight and rate limiter, so only Redis can make them
+share anything) against the in-process emulator. Redis outages are real:
+the redis-server process is stopped, restarted or frozen with SIGSTOP. One
+replica stays a process of its own: the lease holder killed with SIGKILL.
 """
 
 from __future__ import annotations
@@ -10,15 +14,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import itertools
+import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
-import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -26,27 +30,40 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from imageshare.v1 import image_share_pb2, image_share_pb2_grpc
-from imageshare_emulator import EmulatorAdmin
+from imageshare_emulator import Emulator
 from imageshare_server.core.deadline import NO_DEADLINE, FixedDeadline
 from imageshare_server.core.errors import RateLimitedError, UpstreamErrorData
 from imageshare_server.core.types import Account, ShareKey, ShareList
+from imageshare_server.observability.logging import JsonFormatter
 from imageshare_server.ratelimit import UpstreamRateLimiter
 from imageshare_server.redis_tier.lease import Lease, LeaseManager
 from imageshare_server.redis_tier.link import RedisLink
 from imageshare_server.redis_tier.ratelimit import RedisRateLimiter
 from imageshare_server.redis_tier.store import decode, encode, encode_negative
+from tests.support.images import new_image
+from tests.support.inprocess import InProcessApp, Request, running
 from tests.support.processes import ServerProcess
 from tests.support.redis_server import RedisServer
-from tests.support.rpc import Request, Response, account_ids, list_all, list_error
+from tests.support.rpc import account_ids
+from tests.support.waiting import until
+
+if TYPE_CHECKING:
+    # Only in the stubs: what ImageShareServiceStub(an aio channel) is.
+    from imageshare.v1.image_share_pb2_grpc import ImageShareServiceAsyncStub as Stub
 
 REGION = "cn-hangzhou"
 HIT = image_share_pb2.CACHE_STATUS_HIT
-_ids = itertools.count(1)
+PASSWORD = "redis-test-password-1"
+# The replicas and their callers share this process's event loop, so a busy loop's delays
+# count against every Redis operation's timeout (0.25 s by default). Where sharing is the
+# subject, not a slow Redis, a generous timeout keeps a loaded machine from turning a slow
+# reply into a fallback; the outage tests set their own short one.
+SHARING = ("--redis-timeout", "2")
 
 
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path, password="redis-test-password-1")
+    server = RedisServer(tmp_path, password=PASSWORD)
     yield server
     server.stop()
 
@@ -59,229 +76,238 @@ async def link(redis_server: RedisServer) -> AsyncIterator[RedisLink]:
     await redis_link.aclose()
 
 
-@pytest.fixture
-def replicas(
-    start_server: Callable[..., ServerProcess], redis_server: RedisServer
-) -> Callable[..., list[ServerProcess]]:
-    def start(n: int, *args: str) -> list[ServerProcess]:
-        return [start_server("--redis-url", redis_server.url, *args) for _ in range(n)]
-
-    return start
-
-
-def new_image(emulator: EmulatorAdmin, accounts: int) -> tuple[str, list[str]]:
-    image_id = f"m-redis{next(_ids):04d}{int(time.time() * 1000) % 1000000}"
-    ids = [f"7{i:015d}" for i in range(accounts)]
-    emulator.upsert_image(
-        {"region_id": REGION, "image_id": image_id, "accounts": [{"aliyun_id": i} for i in ids]}
-    )
-    return image_id, ids
+@contextlib.asynccontextmanager
+async def replicas(
+    ecs: Emulator, url: str, n: int, *flags: str
+) -> AsyncIterator[list[InProcessApp]]:
+    """``n`` replicas in this process sharing the Redis at ``url``; stopped afterwards."""
+    async with contextlib.AsyncExitStack() as stack:
+        yield [
+            await stack.enter_async_context(running(ecs, "--redis-url", url, *flags))
+            for _ in range(n)
+        ]
 
 
-def page_calls(emulator: EmulatorAdmin, image_id: str) -> dict[int, int]:
+def page_calls(ecs: Emulator, image_id: str) -> dict[int, int]:
     out: dict[int, int] = {}
-    for row in emulator.counters()["calls_by_page"]:
+    for row in ecs.knobs.counters()["calls_by_page"]:
         if row["image_id"] == image_id:
             out[int(row["page_number"])] = out.get(int(row["page_number"]), 0) + row["count"]
     return out
 
 
-def total_calls(emulator: EmulatorAdmin) -> int:
-    return int(emulator.counters()["calls_by_action"].get("DescribeImageSharePermission", 0))
+def total(app: InProcessApp, name: str) -> float:
+    """Sum of every sample of ``name`` (any labels) in the replica's own registry."""
+    return sum(
+        sample.value
+        for family in app.registry.collect()
+        for sample in family.samples
+        if sample.name == name
+    )
 
 
-def metric(process: ServerProcess, name: str) -> float:
-    """Sum of every sample of ``name`` (any labels) on the process's /metrics."""
-    total = 0.0
-    for line in httpx.get(process.metrics_url).text.splitlines():
-        if line.startswith((name + " ", name + "{")):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+def events(app: InProcessApp, event: str) -> list[logging.LogRecord]:
+    """Records logged with ``event``, by any app running in this process while ``app`` ran."""
+    return [r for r in app.logs.records if getattr(r, "event", None) == event]
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll a condition the test cannot be notified of (an emulator counter)."""
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.01)
+def log_text(app: InProcessApp) -> str:
+    """The records as the process would write them: JSON lines, redacted."""
+    formatter = JsonFormatter()
+    return "\n".join(formatter.format(record) for record in app.logs.records)
 
 
-def fetch(process: ServerProcess, image_id: str, timeout: float = 10.0) -> list[Response]:
-    with grpc.insecure_channel(process.target) as channel:
-        stub = image_share_pb2_grpc.ImageShareServiceStub(channel)
-        return list_all(stub, timeout=timeout, region_id=REGION, image_id=image_id)
+def raw_fields(app: InProcessApp) -> str:
+    """Each record's message and ``extra`` fields before redaction."""
+    return "\n".join(f"{r.getMessage()} {r.__dict__}" for r in app.logs.records)
 
 
-async def test_150_cold_callers_on_three_replicas_make_one_upstream_call_per_page(
-    replicas, emulator
-):
-    servers = replicas(3)
-    image_id, ids = new_image(emulator, 250)
-    emulator.set(latency_ms=300)
-
-    async def one(stub: image_share_pb2_grpc.ImageShareServiceStub) -> list[str]:
-        call = stub.ListImageShares(Request(region_id=REGION, image_id=image_id), timeout=20)
-        return [a.aliyun_id async for m in call for a in m.accounts]
-
-    channels = [grpc.aio.insecure_channel(s.target) for s in servers]
-    try:
-        stubs = [image_share_pb2_grpc.ImageShareServiceStub(c) for c in channels]
-        results = await asyncio.gather(*(one(stubs[i % 3]) for i in range(150)))
-    finally:
-        for channel in channels:
-            await channel.close()
-    assert all(r == ids for r in results)
-    # 250 accounts at PageSize 100: three pages, each read once by the whole deployment.
-    assert page_calls(emulator, image_id) == {1: 1, 2: 1, 3: 1}
-    # The two replicas that did not read got the list through Redis.
-    waits = sum(metric(s, "imageshare_redis_lease_waits_total") for s in servers)
-    hits = sum(metric(s, 'imageshare_redis_cache_requests_total{result="hit"}') for s in servers)
-    assert waits + hits >= 2
+async def fetch(app: InProcessApp, image_id: str, rpc_timeout: float = 10.0) -> list[str]:
+    messages = await app.list(rpc_timeout=rpc_timeout, region_id=REGION, image_id=image_id)
+    return account_ids(messages)
 
 
-def test_a_replica_that_never_saw_an_image_serves_it_from_redis(replicas, emulator):
-    first, second = replicas(2)
-    image_id, ids = new_image(emulator, 130)
-    assert account_ids(fetch(first, image_id)) == ids
-    assert page_calls(emulator, image_id) == {1: 1, 2: 1}
-    messages = fetch(second, image_id)
-    assert account_ids(messages) == ids
-    assert {m.cache_status for m in messages} == {HIT}
-    assert page_calls(emulator, image_id) == {1: 1, 2: 1}
-    assert metric(second, 'imageshare_redis_cache_requests_total{result="hit"}') == 1
+def stub_on(channel: grpc.aio.Channel) -> Stub:
+    return image_share_pb2_grpc.ImageShareServiceStub(channel)
 
 
-async def test_lease_holder_killed_mid_read_another_replica_completes(replicas, emulator):
-    holder, other = replicas(2, "--redis-lease-ttl", "1")
-    image_id, ids = new_image(emulator, 40)
-    emulator.set(latency_ms=1500)
-
-    async def race() -> list[str]:
-        async with (
-            grpc.aio.insecure_channel(holder.target) as a,
-            grpc.aio.insecure_channel(other.target) as b,
-        ):
-            request = Request(region_id=REGION, image_id=image_id)
-            doomed = asyncio.ensure_future(
-                _collect(image_share_pb2_grpc.ImageShareServiceStub(a), request)
-            )
-            await asyncio.to_thread(wait_until, lambda: page_calls(emulator, image_id) == {1: 1})
-            survivor = asyncio.ensure_future(
-                _collect(image_share_pb2_grpc.ImageShareServiceStub(b), request)
-            )
-            # The other replica is now waiting on the holder's lease (or will find it held).
-            holder.signal(signal.SIGKILL)
-            with pytest.raises(grpc.aio.AioRpcError):
-                await doomed
-            return await survivor
-
-    assert await race() == ids
-    # The dead holder's read and the take-over: page 1 was read twice, not three times.
-    assert page_calls(emulator, image_id) == {1: 2}
-    assert holder.proc.wait(5) == -signal.SIGKILL
-    assert metric(other, 'imageshare_redis_lease_waits_total{outcome="takeover"}') == 1
-
-
-async def _collect(stub: image_share_pb2_grpc.ImageShareServiceStub, request: Request) -> list[str]:
-    call = stub.ListImageShares(request, timeout=15)
+async def _collect(stub: Stub, request: Request, rpc_timeout: float = 15) -> list[str]:
+    call = stub.ListImageShares(request, timeout=rpc_timeout)
     return [a.aliyun_id async for m in call for a in m.accounts]
 
 
-def test_every_replica_keeps_serving_without_redis_and_shares_again_when_it_returns(
-    replicas, redis_server, emulator
-):
-    servers = replicas(3, "--redis-timeout", "0.2")
-    redis_server.stop()
-    for process in servers:
-        image_id, ids = new_image(emulator, 20)
-        started = time.monotonic()
-        assert account_ids(fetch(process, image_id, timeout=5)) == ids
-        assert time.monotonic() - started < 2.0
-    for process in servers:
-        down = process.wait_for("redis_down", timeout=10)
-        assert "redis-test-password-1" not in process.log_text
-        assert down["redis"] == f"redis://127.0.0.1:{redis_server.port}/0"
-        assert metric(process, "imageshare_redis_up") == 0
-        assert metric(process, "imageshare_redis_errors_total") >= 1
-
-    redis_server.start()
-    for process in servers:
-        process.wait_for("redis_up", timeout=10)
-        assert metric(process, "imageshare_redis_up") == 1
-    image_id, ids = new_image(emulator, 20)
-    assert account_ids(fetch(servers[0], image_id)) == ids
-    assert account_ids(fetch(servers[1], image_id)) == ids
-    assert page_calls(emulator, image_id) == {1: 1}
+@pytest.mark.redis
+async def test_150_cold_callers_on_three_replicas_make_one_upstream_call_per_page(
+    ecs: Emulator, redis_server: RedisServer
+) -> None:
+    image_id, ids = new_image(ecs.knobs, 250)
+    ecs.knobs.set(latency_ms=300)
+    async with replicas(ecs, redis_server.url, 3, *SHARING) as apps:
+        stubs = [stub_on(app.channel()) for app in apps]
+        request = Request(region_id=REGION, image_id=image_id)
+        results = await asyncio.gather(*(_collect(stubs[i % 3], request, 20) for i in range(150)))
+        assert all(r == ids for r in results)
+        # 250 accounts at PageSize 100: three pages, each read once by the whole deployment.
+        assert page_calls(ecs, image_id) == {1: 1, 2: 1, 3: 1}
+        # The two replicas that did not read got the list through Redis.
+        waits = sum(total(app, "imageshare_redis_lease_waits_total") for app in apps)
+        hits = sum(
+            app.metric("imageshare_redis_cache_requests_total", result="hit") for app in apps
+        )
+        assert waits + hits >= 2
 
 
+@pytest.mark.redis
+async def test_a_replica_that_never_saw_an_image_serves_it_from_redis(
+    ecs: Emulator, redis_server: RedisServer
+) -> None:
+    async with replicas(ecs, redis_server.url, 2, *SHARING) as (first, second):
+        image_id, ids = new_image(ecs.knobs, 130)
+        assert await fetch(first, image_id) == ids
+        assert page_calls(ecs, image_id) == {1: 1, 2: 1}
+        messages = await second.list(region_id=REGION, image_id=image_id)
+        assert account_ids(messages) == ids
+        assert {m.cache_status for m in messages} == {HIT}
+        assert page_calls(ecs, image_id) == {1: 1, 2: 1}
+        assert second.metric("imageshare_redis_cache_requests_total", result="hit") == 1
+
+
+@pytest.mark.subprocess
+@pytest.mark.redis
+async def test_lease_holder_killed_mid_read_another_replica_completes(
+    ecs: Emulator, redis_server: RedisServer
+) -> None:
+    """The lease holder is a server process of its own: SIGKILL ends it mid-read with no
+    ``finally``, no lease release and no goodbye to Redis, which a replica in this process
+    cannot imitate. The replica that takes over runs in this process."""
+    flags = ("--redis-url", redis_server.url, "--redis-lease-ttl", "1", *SHARING)
+    holder = await asyncio.to_thread(ServerProcess, *flags, upstream=ecs.url)
+    try:
+        async with running(ecs, *flags) as other:
+            image_id, ids = new_image(ecs.knobs, 40)
+            ecs.knobs.set(latency_ms=1500)
+            request = Request(region_id=REGION, image_id=image_id)
+            async with grpc.aio.insecure_channel(holder.target) as channel:
+                doomed = asyncio.ensure_future(_collect(stub_on(channel), request))
+                await until(lambda: page_calls(ecs, image_id) == {1: 1})
+                survivor = asyncio.ensure_future(_collect(stub_on(other.channel()), request))
+                # The other replica is now waiting on the holder's lease (or will find it held).
+                holder.signal(signal.SIGKILL)
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await doomed
+                assert await survivor == ids
+            # The dead holder's read and the take-over: page 1 was read twice, not three times.
+            assert page_calls(ecs, image_id) == {1: 2}
+            assert await asyncio.to_thread(holder.proc.wait, 5) == -signal.SIGKILL
+            assert other.metric("imageshare_redis_lease_waits_total", outcome="takeover") == 1
+    finally:
+        await asyncio.to_thread(holder.stop)
+
+
+@pytest.mark.redis
+async def test_every_replica_keeps_serving_without_redis_and_shares_again_when_it_returns(
+    ecs: Emulator, redis_server: RedisServer
+) -> None:
+    """Redis really goes away and comes back: its process is stopped and started again on
+    the same port (connections refused, then a fresh, empty server)."""
+    async with replicas(ecs, redis_server.url, 3, "--redis-timeout", "0.2") as apps:
+        await asyncio.to_thread(redis_server.stop)
+        for app in apps:
+            image_id, ids = new_image(ecs.knobs, 20)
+            started = time.monotonic()
+            assert await fetch(app, image_id, rpc_timeout=5) == ids
+            assert time.monotonic() - started < 2.0
+        await until(lambda: all(app.metric("imageshare_redis_up") == 0 for app in apps))
+        # Each replica said so once, naming Redis without its password.
+        down = events(apps[0], "redis_down")
+        assert len(down) == 3
+        assert {getattr(r, "redis", None) for r in down} == {
+            f"redis://127.0.0.1:{redis_server.port}/0"
+        }
+        for app in apps:
+            assert total(app, "imageshare_redis_errors_total") >= 1
+        assert PASSWORD not in raw_fields(apps[0])
+        assert PASSWORD not in log_text(apps[0])
+
+        await asyncio.to_thread(redis_server.start)
+        await until(lambda: all(app.metric("imageshare_redis_up") == 1 for app in apps))
+        assert len(events(apps[0], "redis_up")) == 3
+        image_id, ids = new_image(ecs.knobs, 20)
+        assert await fetch(apps[0], image_id) == ids
+        assert await fetch(apps[1], image_id) == ids
+        assert page_calls(ecs, image_id) == {1: 1}
+
+
+@pytest.mark.redis
 async def test_shared_limit_keeps_three_replicas_within_ten_percent_of_upstream_qps(
-    replicas, emulator
-):
-    qps = 20
-    servers = replicas(3, "--cache-ttl", "0", "--upstream-qps", str(qps), "--upstream-burst", "1")
-    window = 3.0
+    ecs: Emulator, redis_server: RedisServer
+) -> None:
+    """The measurement window is wall-clock time on purpose: it measures a rate.
 
-    async def load(stop: float) -> None:
-        channels = [grpc.aio.insecure_channel(s.target) for s in servers]
-        stubs = [image_share_pb2_grpc.ImageShareServiceStub(c) for c in channels]
+    Each caller asks for an image of its own, so reads are not coalesced (in a replica or
+    through a lease) and 30 are always waiting for the limiter: the rate is the limit's.
+    """
+    qps, window = 20, 3.0
+    flags = ("--cache-ttl", "0", "--upstream-qps", str(qps), "--upstream-burst", "1", *SHARING)
+    images = [new_image(ecs.knobs, 2)[0] for _ in range(30)]
+    async with replicas(ecs, redis_server.url, 3, *flags) as apps:
+        stubs = [stub_on(app.channel()) for app in apps]
 
-        async def loop(stub: image_share_pb2_grpc.ImageShareServiceStub) -> None:
-            request = Request(region_id=REGION, image_id="m-demo0000002")
-            while time.monotonic() < stop:
+        async def loop(stub: Stub, image_id: str) -> None:
+            request = Request(region_id=REGION, image_id=image_id)
+            while True:
                 # A refusal by the limiter is fine; the upstream count is what matters.
                 with contextlib.suppress(grpc.aio.AioRpcError):
                     await _collect(stub, request)
 
+        load = asyncio.gather(*(loop(stubs[i % 3], image) for i, image in enumerate(images)))
         try:
-            await asyncio.gather(*(loop(stubs[i % 3]) for i in range(30)))
+            # Steady state: every replica is reading upstream under the shared limit.
+            await until(
+                lambda: all(total(app, "imageshare_upstream_requests_total") >= 2 for app in apps)
+            )
+            before = ecs.knobs.counters()["calls_by_action"]["DescribeImageSharePermission"]
+            await asyncio.sleep(window)
+            after = ecs.knobs.counters()["calls_by_action"]["DescribeImageSharePermission"]
         finally:
-            for channel in channels:
-                await channel.close()
-
-    async def measure() -> int:
-        task = asyncio.ensure_future(load(time.monotonic() + window + 2.0))
-        await asyncio.sleep(1.0)  # let every replica reach the steady state
-        before = await asyncio.to_thread(total_calls, emulator)
-        await asyncio.sleep(window)
-        after = await asyncio.to_thread(total_calls, emulator)
-        await task
-        return after - before
-
-    calls = await measure()
+            load.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await load
+    calls = after - before
     expected = qps * window
     assert abs(calls - expected) <= 0.1 * expected, calls
 
 
-def test_not_found_is_shared_briefly_too(replicas, emulator):
-    first, second = replicas(2)
-    for process in (first, second):
-        with grpc.insecure_channel(process.target) as channel:
-            stub = image_share_pb2_grpc.ImageShareServiceStub(channel)
-            assert list_error(stub, region_id=REGION, image_id="m-redisgone01").code == (
-                grpc.StatusCode.NOT_FOUND
-            )
-    assert page_calls(emulator, "m-redisgone01") == {1: 1}
+@pytest.mark.redis
+async def test_not_found_is_shared_briefly_too(ecs: Emulator, redis_server: RedisServer) -> None:
+    async with replicas(ecs, redis_server.url, 2, *SHARING) as apps:
+        for app in apps:
+            error = await app.error(region_id=REGION, image_id="m-redisgone01")
+            assert error.code is grpc.StatusCode.NOT_FOUND
+    assert page_calls(ecs, "m-redisgone01") == {1: 1}
 
 
-def test_a_hung_redis_costs_a_timeout_not_an_outage(replicas, redis_server, emulator):
+@pytest.mark.redis
+async def test_a_hung_redis_costs_a_timeout_not_an_outage(
+    ecs: Emulator, redis_server: RedisServer
+) -> None:
     """SIGSTOP keeps the socket open but silent: the slow case, not the refused one."""
-    (process,) = replicas(1, "--redis-timeout", "0.2")
-    assert redis_server.proc is not None
-    redis_server.proc.send_signal(signal.SIGSTOP)
-    try:
-        image_id, ids = new_image(emulator, 20)
-        started = time.monotonic()
-        assert account_ids(fetch(process, image_id, timeout=5)) == ids
-        assert time.monotonic() - started < 1.5
-        process.wait_for("redis_down", timeout=10)
-    finally:
-        redis_server.proc.send_signal(signal.SIGCONT)
-    process.wait_for("redis_up", timeout=10)
+    async with replicas(ecs, redis_server.url, 1, "--redis-timeout", "0.2") as (app,):
+        redis_server.pause()
+        try:
+            image_id, ids = new_image(ecs.knobs, 20)
+            started = time.monotonic()
+            assert await fetch(app, image_id, rpc_timeout=5) == ids
+            assert time.monotonic() - started < 1.5
+            await until(lambda: app.metric("imageshare_redis_up") == 0)
+            assert len(events(app, "redis_down")) == 1
+        finally:
+            redis_server.resume()
+        await until(lambda: app.metric("imageshare_redis_up") == 1)
+        assert len(events(app, "redis_up")) == 1
 
 
-def test_shared_list_round_trips_through_its_stored_form():
+def test_shared_list_round_trips_through_its_stored_form() -> None:
     shared = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
     shares = ShareList(
         key=ShareKey(REGION, "m-x1", "owner@example.com"),
@@ -310,20 +336,26 @@ def test_shared_list_round_trips_through_its_stored_form():
     assert error == UpstreamErrorData("InvalidImageId.NotFound", "gone", 404, "R-3")
 
 
-async def test_a_cancel_that_meets_a_finishing_redis_call_is_not_lost(link):
+@pytest.mark.redis
+async def test_a_cancel_that_meets_a_finishing_redis_call_is_not_lost(link: RedisLink) -> None:
     """asyncio.wait_for on 3.11 returns the result and drops the cancel: a lease renewer
     cancelled that way renewed forever, and its read hung until the caller's deadline."""
     loop = asyncio.get_running_loop()
     reply: asyncio.Future[int] = loop.create_future()
+    waiting = asyncio.Event()
     after_call: list[str] = []
 
+    def operation(client: object) -> asyncio.Future[int]:
+        waiting.set()  # the renewer awaits the reply as soon as this returns
+        return reply
+
     async def renewer() -> None:
-        await link.call("lease_renew", lambda r: reply)
+        await link.call("lease_renew", operation)
         after_call.append("ran on")
         await asyncio.sleep(0)
 
     task = loop.create_task(renewer())
-    await asyncio.sleep(0.01)
+    await waiting.wait()
     reply.set_result(1)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -331,7 +363,8 @@ async def test_a_cancel_that_meets_a_finishing_redis_call_is_not_lost(link):
     assert after_call == []
 
 
-async def test_a_lease_renewer_that_misses_its_cancel_still_stops(link):
+@pytest.mark.redis
+async def test_a_lease_renewer_that_misses_its_cancel_still_stops(link: RedisLink) -> None:
     """A renew that swallows the cancel (as wait_for inside redis-py can on 3.11) must not
     keep the lease, and the read holding it, alive until the caller's deadline."""
 
@@ -351,7 +384,8 @@ async def test_a_lease_renewer_that_misses_its_cancel_still_stops(link):
     assert await leases.try_acquire(key) is not None  # released, not renewed on
 
 
-async def test_a_lease_is_released_only_by_its_holder(link):
+@pytest.mark.redis
+async def test_a_lease_is_released_only_by_its_holder(link: RedisLink) -> None:
     leases = LeaseManager(link, prefix="t:", ttl=30)
     key = ShareKey(REGION, "m-lease01")
     mine = await leases.try_acquire(key)
@@ -370,7 +404,8 @@ async def test_a_lease_is_released_only_by_its_holder(link):
     assert await leases.try_acquire(key) is not None
 
 
-async def test_redis_gcra_spaces_calls_and_refuses_past_the_deadline(link):
+@pytest.mark.redis
+async def test_redis_gcra_spaces_calls_and_refuses_past_the_deadline(link: RedisLink) -> None:
     limiter = RedisRateLimiter(
         link, 10, 2, account=_account, prefix="t:", fallback=UpstreamRateLimiter(10, 2)
     )
@@ -418,18 +453,22 @@ def _self_signed(directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def test_replicas_share_through_redis_over_tls_with_a_password(tmp_path, start_server, emulator):
+@pytest.mark.redis
+async def test_replicas_share_through_redis_over_tls_with_a_password(
+    tmp_path: Path, ecs: Emulator
+) -> None:
     redis_tls = RedisServer(tmp_path, password="redis-tls-password-1", tls=_self_signed(tmp_path))
     try:
         assert redis_tls.url.startswith("rediss://")
-        first, second = (start_server("--redis-url", redis_tls.url) for _ in range(2))
-        image_id, ids = new_image(emulator, 30)
-        assert account_ids(fetch(first, image_id)) == ids
-        messages = fetch(second, image_id)
-        assert account_ids(messages) == ids
-        assert {m.cache_status for m in messages} == {HIT}
-        assert page_calls(emulator, image_id) == {1: 1}
-        assert metric(second, "imageshare_redis_up") == 1
-        assert "redis-tls-password-1" not in first.log_text + second.log_text
+        async with replicas(ecs, redis_tls.url, 2, *SHARING) as (first, second):
+            image_id, ids = new_image(ecs.knobs, 30)
+            assert await fetch(first, image_id) == ids
+            messages = await second.list(region_id=REGION, image_id=image_id)
+            assert account_ids(messages) == ids
+            assert {m.cache_status for m in messages} == {HIT}
+            assert page_calls(ecs, image_id) == {1: 1}
+            assert second.metric("imageshare_redis_up") == 1
+            assert "redis-tls-password-1" not in raw_fields(first)
+            assert "redis-tls-password-1" not in log_text(first)
     finally:
         redis_tls.stop()

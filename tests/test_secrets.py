@@ -6,13 +6,18 @@ token, broken transport, an upstream that echoes the credentials in its error
 text) and then searches everything an outsider can see: the caller's status
 message and every detail, the /metrics page, and the whole log including
 tracebacks, for the canaries in every spelling they could take in a URL.
+
+The server stays a process of its own: what is searched is what the process
+writes (stderr, tracebacks included, through the logging it configures at
+start) and serves on its /metrics port. The emulator runs in this process.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Required, TypedDict
 from urllib.parse import quote, quote_plus
 
 import grpc
@@ -23,7 +28,7 @@ from google.rpc import error_details_pb2  # noqa: F401 - registers the detail ty
 from grpc_status import rpc_status
 
 from imageshare.v1 import image_share_pb2, image_share_pb2_grpc
-from imageshare_emulator import EmulatorAdmin
+from imageshare_emulator import Emulator
 from tests.support.processes import DEMO_ENV, ServerProcess
 
 StartServer = Callable[..., ServerProcess]
@@ -42,12 +47,22 @@ def spellings(value: str) -> set[str]:
 CANARIES = spellings(SECRET) | spellings(TOKEN) | {TOKEN[:40], TOKEN[-40:]}
 
 
+class FaultSpec(TypedDict, total=False):
+    """Arguments of ``Knobs.fault``."""
+
+    mode: Required[str]
+    count: int
+    status: int
+    code: str
+    message: str
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
     env: dict[str, str] = field(default_factory=dict)
     args: tuple[str, ...] = ()
-    fault: dict[str, object] | None = None
+    fault: FaultSpec | None = None
     down: bool = False
     expected: grpc.StatusCode = grpc.StatusCode.INTERNAL
     reason: str = ""
@@ -126,20 +141,33 @@ def caller_view(error: grpc.RpcError) -> str:
     status = rpc_status.from_call(error)
     if status is not None:
         parts.append(json_format.MessageToJson(status))
-        for detail in status.details:
-            parts.append(repr(detail.value))
+        parts.extend(repr(detail.value) for detail in status.details)
     return "\n".join(parts)
 
 
+@pytest.fixture
+def start_server(ecs: Emulator) -> Iterator[StartServer]:
+    """Server processes against the in-process emulator, stopped after the test."""
+    started: list[ServerProcess] = []
+
+    def start(*args: str, env: dict[str, str]) -> ServerProcess:
+        process = ServerProcess(*args, upstream=ecs.url, env=env)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+@pytest.mark.subprocess
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_credentials_never_leak(
-    start_server: StartServer, emulator: EmulatorAdmin, case: Case
-) -> None:
+def test_credentials_never_leak(start_server: StartServer, ecs: Emulator, case: Case) -> None:
     server = start_server(*case.args, env=case.env)
     if case.fault is not None:
-        emulator.fault(**case.fault)  # type: ignore[arg-type]
+        ecs.knobs.fault(**case.fault)
     if case.down:
-        emulator.set(down=True)
+        ecs.knobs.set(down=True)
     with grpc.insecure_channel(server.target) as channel:
         stub = image_share_pb2_grpc.ImageShareServiceStub(channel)
         request = image_share_pb2.ListImageSharesRequest(region_id=REGION, image_id="m-demo0000001")
@@ -156,7 +184,7 @@ def test_credentials_never_leak(
     assert "imageshare_upstream_requests_total" in metrics
     assert leaks(metrics, case) == []
 
-    emulator.set(down=False)
+    ecs.knobs.set(down=False)
     assert server.stop() == 0
     logs = server.log_text
     assert '"event":"rpc"' in logs.replace(" ", "")

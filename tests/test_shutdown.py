@@ -1,5 +1,10 @@
 """Graceful shutdown of the real server process under load.
 
+These tests keep the server a process of its own: what they test is what the
+process does on SIGTERM (and a second SIGTERM), what it logs on stderr while
+draining, and the exit code. The emulator runs in this process, so its knobs
+and counters are read directly.
+
 Streams are kept in flight by the emulator's latency knob: 500 accounts read
 10 per upstream page, one page at a time, at 100 ms a page take five seconds,
 so SIGTERM always lands mid-listing. Progress is observed (upstream calls
@@ -12,22 +17,32 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from imageshare.v1 import image_share_pb2, image_share_pb2_grpc
-from imageshare_emulator import EmulatorAdmin
+from imageshare_emulator import Emulator
+from tests.support import client_health
 from tests.support.processes import ServerProcess
+from tests.support.waiting import until
+
+if TYPE_CHECKING:
+    from imageshare.v1.image_share_pb2_grpc import ImageShareServiceAsyncStub
 
 StartServer = Callable[..., ServerProcess]
+Listing = grpc.aio.UnaryStreamCall[
+    image_share_pb2.ListImageSharesRequest, image_share_pb2.ListImageSharesResponse
+]
+HealthRequest = client_health.CheckRequest
+HealthResponse = client_health.CheckResponse
 REGION = "cn-hangzhou"
 SLOW = "m-slowdrain01"
 ACCOUNTS = [str(700_000_000 + i) for i in range(500)]
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVING = HealthResponse.SERVING
+NOT_SERVING = HealthResponse.NOT_SERVING
 # Upstream pages of 10 read one at a time: 50 sequential upstream calls per listing.
 SLOW_SERVER_ARGS = (
     "--cache-ttl",
@@ -42,24 +57,38 @@ SLOW_SERVER_ARGS = (
 
 
 @pytest.fixture
-def slow_image(emulator: EmulatorAdmin) -> EmulatorAdmin:
-    emulator.upsert_image(
+def start_server(ecs: Emulator) -> Iterator[StartServer]:
+    """Server processes against the in-process emulator, stopped after the test."""
+    started: list[ServerProcess] = []
+
+    def start(*args: str) -> ServerProcess:
+        process = ServerProcess(*args, upstream=ecs.url)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture
+def slow_image(ecs: Emulator) -> Emulator:
+    ecs.knobs.upsert_image(
         {"region_id": REGION, "image_id": SLOW, "accounts": [{"aliyun_id": a} for a in ACCOUNTS]}
     )
-    emulator.set(latency_ms=100)
-    return emulator
+    ecs.knobs.set(latency_ms=100)
+    return ecs
 
 
-def _listing(channel: grpc.aio.Channel) -> grpc.aio.UnaryStreamCall[object, object]:
-    stub = image_share_pb2_grpc.ImageShareServiceStub(channel)
+def _listing(channel: grpc.aio.Channel) -> Listing:
+    stub: ImageShareServiceAsyncStub = image_share_pb2_grpc.ImageShareServiceStub(channel)
     request = image_share_pb2.ListImageSharesRequest(
         region_id=REGION, image_id=SLOW, page_size=10, bypass_cache=True
     )
-    call: grpc.aio.UnaryStreamCall[object, object] = stub.ListImageShares(request, timeout=60)
-    return call
+    return stub.ListImageShares(request, timeout=60)
 
 
-async def _drain(call: grpc.aio.UnaryStreamCall[object, object]) -> list[str]:
+async def _drain(call: Listing) -> list[str]:
     ids: list[str] = []
     while (message := await call.read()) is not grpc.aio.EOF:
         assert isinstance(message, image_share_pb2.ListImageSharesResponse)
@@ -67,12 +96,21 @@ async def _drain(call: grpc.aio.UnaryStreamCall[object, object]) -> list[str]:
     return ids
 
 
-async def _upstream_reached(emulator: EmulatorAdmin, calls: int) -> None:
-    """Probe the emulator's counters until the server's paging is under way."""
-    deadline = time.monotonic() + 15
-    while (await asyncio.to_thread(emulator.counters))["total"] < calls:
-        assert time.monotonic() < deadline, "the listing never reached the upstream"
-        await asyncio.sleep(0.02)  # probe interval, not synchronisation
+def _watch(channel: grpc.aio.Channel) -> grpc.aio.UnaryStreamCall[HealthRequest, HealthResponse]:
+    return client_health.watch(channel)(HealthRequest())
+
+
+async def _next_status(
+    watch: grpc.aio.UnaryStreamCall[HealthRequest, HealthResponse], within: float = 5.0
+) -> int:
+    message = await asyncio.wait_for(watch.read(), within)
+    assert isinstance(message, HealthResponse)
+    return int(message.status)
+
+
+async def _upstream_reached(ecs: Emulator, calls: int) -> None:
+    """Wait until the emulator has counted ``calls``: the server's paging is under way."""
+    await until(lambda: ecs.knobs.counters()["total"] >= calls, within=15)
 
 
 async def _exit_code(server: ServerProcess, limit: float) -> tuple[int, float]:
@@ -89,9 +127,7 @@ async def _refused_once_draining(target: str) -> grpc.StatusCode:
     for _ in range(200):
         async with grpc.aio.insecure_channel(target) as channel:
             try:
-                response = await health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(), timeout=2
-                )
+                response = await client_health.check(channel)(HealthRequest(), timeout=2)
             except grpc.aio.AioRpcError as exc:
                 return exc.code()
             assert response.status == NOT_SERVING
@@ -107,19 +143,20 @@ async def _new_call_code(target: str) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
+@pytest.mark.subprocess
 async def test_sigterm_drains_in_flight_streams_and_exits_zero(
-    start_server: StartServer, slow_image: EmulatorAdmin
+    start_server: StartServer, slow_image: Emulator
 ) -> None:
     server = start_server(*SLOW_SERVER_ARGS, "--grace-period", "30")
     async with grpc.aio.insecure_channel(server.target) as channel:
-        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
-        assert (await watch.read()).status == SERVING
+        watch = _watch(channel)
+        assert await _next_status(watch) == SERVING
         streams = [_listing(channel) for _ in range(3)]
         await _upstream_reached(slow_image, 3)
 
         server.signal(signal.SIGTERM)
         # Load balancers watching health see NOT_SERVING before anything else changes.
-        assert (await asyncio.wait_for(watch.read(), 5)).status == NOT_SERVING
+        assert await _next_status(watch) == NOT_SERVING
         watch.cancel()
         await asyncio.to_thread(server.wait_for, "draining", 5)
         # New calls are refused once draining, on a new connection...
@@ -136,27 +173,27 @@ async def test_sigterm_drains_in_flight_streams_and_exits_zero(
     assert "forced_stop" not in events
 
 
-async def test_health_watchers_do_not_hold_the_drain_open(
-    start_server: StartServer, emulator: EmulatorAdmin
-) -> None:
+@pytest.mark.subprocess
+async def test_health_watchers_do_not_hold_the_drain_open(start_server: StartServer) -> None:
     """A client-side health watch is an RPC that never ends by itself; it must not make every
     shutdown last the whole grace period."""
     server = start_server("--grace-period", "30")
     async with grpc.aio.insecure_channel(server.target) as channel:
-        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
-        assert (await watch.read()).status == SERVING
+        watch = _watch(channel)
+        assert await _next_status(watch) == SERVING
         server.signal(signal.SIGTERM)
-        assert (await asyncio.wait_for(watch.read(), 5)).status == NOT_SERVING
+        assert await _next_status(watch) == NOT_SERVING
         code, took = await _exit_code(server, 30)
     assert code == 0
     assert took < 5, f"shutdown waited {took:.1f}s for an idle health watch"
 
 
+@pytest.mark.subprocess
 async def test_grace_period_running_out_cancels_the_rest_cleanly(
-    start_server: StartServer, slow_image: EmulatorAdmin
+    start_server: StartServer, slow_image: Emulator
 ) -> None:
     server = start_server(*SLOW_SERVER_ARGS, "--grace-period", "1")
-    slow_image.set(latency_ms=300)  # 50 pages at 300 ms: far longer than the grace period
+    slow_image.knobs.set(latency_ms=300)  # 50 pages at 300 ms: far longer than the grace period
     async with grpc.aio.insecure_channel(server.target) as channel:
         stream = _listing(channel)
         await _upstream_reached(slow_image, 1)
@@ -169,14 +206,15 @@ async def test_grace_period_running_out_cancels_the_rest_cleanly(
     assert took < 5
     assert "Traceback" not in server.log_text
     # Paging stopped with the cancelled stream: far fewer than the listing's 50 pages were read.
-    assert slow_image.counters()["total"] < len(ACCOUNTS) // 10 // 2
+    assert slow_image.knobs.counters()["total"] < len(ACCOUNTS) // 10 // 2
 
 
+@pytest.mark.subprocess
 async def test_second_sigterm_cancels_in_flight_streams_at_once(
-    start_server: StartServer, slow_image: EmulatorAdmin
+    start_server: StartServer, slow_image: Emulator
 ) -> None:
     server = start_server(*SLOW_SERVER_ARGS, "--grace-period", "60")
-    slow_image.set(latency_ms=300)
+    slow_image.knobs.set(latency_ms=300)
     async with grpc.aio.insecure_channel(server.target) as channel:
         stream = _listing(channel)
         await _upstream_reached(slow_image, 1)

@@ -9,6 +9,7 @@ confirmed by a PING, never a sleep.
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -101,8 +102,18 @@ class RedisServer:
                 ready.set()
         ready.set()  # exited: start() reports the exit
 
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open and nothing answers (a hung server, not a dead one)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a paused server cannot act on SIGTERM
             self.proc.terminate()
             try:
                 self.proc.wait(10)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -41,12 +42,23 @@ def pyproject(path: Path) -> dict[str, object]:
 
 @pytest.fixture(scope="module")
 def wheels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The server's and the client's wheels, built from this checkout."""
+    """The server's and the client's wheels, built from a copy of this checkout.
+
+    A copy, because setuptools leaves a build/ directory next to the sources it builds.
+    """
     out = tmp_path_factory.mktemp("wheels")
+    source = tmp_path_factory.mktemp("source")
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, source / name)
+    skip = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
+    shutil.copytree(ROOT / "server", source / "server", ignore=skip)
+    shutil.copytree(
+        ROOT / "clients" / "python", source / "clients" / "python", symlinks=True, ignore=skip
+    )
     subprocess.run(
         [
             *(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"),
-            *("-w", str(out), str(ROOT), str(ROOT / "clients" / "python")),
+            *("-w", str(out), str(source), str(source / "clients" / "python")),
         ],
         check=True,
         capture_output=True,

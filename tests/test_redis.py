@@ -1,4 +1,4 @@
-"""Issue 8 end to end: replicas sharing a real redis-server, against the emulator.
+"""End to end: replicas sharing a real redis-server, against the emulator.
 
 Every test starts its own redis-server (tests.support.redis_server) on a free
 port and uploads its own image; upstream calls are counted by the emulator.
@@ -416,6 +416,30 @@ async def test_redis_gcra_spaces_calls_and_refuses_past_the_deadline(link: Redis
     with pytest.raises(RateLimitedError) as refused:
         await limiter.acquire(REGION, FixedDeadline(time.monotonic() + 0.01))
     assert 0.05 < refused.value.wait <= 0.2
+
+
+@pytest.mark.redis
+async def test_a_replica_that_stops_with_reads_queued_gives_their_slots_back(
+    ecs: Emulator, redis_server: RedisServer
+) -> None:
+    """Reads still waiting for the shared limit at shutdown return their slots to Redis."""
+    flags = ("--upstream-qps", "1", "--upstream-burst", "1", "--max-orphan-reads", "8", *SHARING)
+    async with replicas(ecs, redis_server.url, 1, *flags) as (app,):
+        stub = stub_on(app.channel())
+        await fetch(app, new_image(ecs.knobs, 1)[0])  # takes the only slot for a second
+        calls = [
+            stub.ListImageShares(Request(region_id=REGION, image_id=new_image(ecs.knobs, 1)[0]))
+            for _ in range(5)
+        ]
+        # Each read holds a slot it sleeps towards (one to five seconds away).
+        await until(lambda: app.metric("imageshare_upstream_rate_limit_wait_seconds_count") == 6)
+    for call in calls:
+        call.cancel()
+    assert app.metric("imageshare_redis_errors_total", op="rate_limit_refund") == 0
+    assert events(app, "redis_down") == []
+    # Without the refunds the next slot would be five seconds away: refused at once.
+    async with replicas(ecs, redis_server.url, 1, *flags) as (other,):
+        assert await fetch(other, new_image(ecs.knobs, 1)[0], rpc_timeout=2) != []
 
 
 async def _account() -> str:

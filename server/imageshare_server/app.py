@@ -362,6 +362,8 @@ async def _start(
         clock=clock,
         metrics=metrics,
     )
+    # Closed before the HTTP client and Redis (the stack runs backwards).
+    stack.push_async_callback(source.aclose)
 
     interceptor = GrpcMetricsInterceptor(registry)
     interceptor.initialize(LIST_METHOD, "server_stream")

@@ -243,6 +243,12 @@ class Flight:
         if self._task is not None:
             self._task.cancel()
 
+    async def aclose(self) -> None:
+        """Cancel the read and wait until it has let go of what it held."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
     async def wait_result(self) -> ShareList:
         await self._done.wait()
         if self.result is None:

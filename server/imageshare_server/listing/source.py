@@ -171,6 +171,15 @@ class SharedShareSource:
         flight.start(self._landed, self._orphaned)
         return flight, False
 
+    async def aclose(self) -> None:
+        """Stop the reads still going (cache fills nobody waits for) and wait for them.
+
+        Before the upstream client and Redis close under them: a read cancelled here still
+        gives back its rate-limit slot and its lease.
+        """
+        flights = {*self._flights.values(), *self._orphans}
+        await asyncio.gather(*(flight.aclose() for flight in flights))
+
     def _orphaned(self, flight: Flight) -> None:
         """The last follower left: go on as a cache fill if there is room, else stop."""
         if self._cache.policy.enabled and len(self._orphans) < self._max_orphans:

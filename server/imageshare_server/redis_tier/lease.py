@@ -72,10 +72,10 @@ class LeaseManager:
         return Lease(self, name, token) if acquired else None
 
     async def release(self, lease: Lease) -> None:
-        with contextlib.suppress(RedisUnavailable):  # if not, it expires on its own
-            await self._link.call(
-                "lease_release", lambda r: self._release(keys=[lease.name], args=[lease.token])
-            )
+        """Give the lease up, even from a read being cancelled; if Redis is away it expires."""
+        await self._link.call_detached(
+            "lease_release", lambda r: self._release(keys=[lease.name], args=[lease.token])
+        )
 
     async def renew(self, lease: Lease) -> bool:
         ttl_ms = int(self.ttl * 1000)

@@ -14,6 +14,7 @@ deployment without Redis never loads it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -61,6 +62,7 @@ class RedisLink:
         self._up = True
         self._retry_at = 0.0
         self._probe: asyncio.Task[None] | None = None
+        self._detached: set[asyncio.Task[Any]] = set()
         self._metrics.redis_up.set(1)
 
     @classmethod
@@ -116,6 +118,24 @@ class RedisLink:
         self._succeeded()
         return result
 
+    async def call_detached(self, op: str, action: Callable[[Redis], Awaitable[Any]]) -> None:
+        """Run an operation that must finish even when its caller is cancelled (a refund).
+
+        It runs as a task of its own, and ``aclose`` waits for such tasks before it closes
+        the connection: a replica that stops while callers are queued gives their slots
+        back instead of failing each refund on a closed connection.
+        """
+        task = asyncio.ensure_future(self.call(op, action))
+        self._detached.add(task)
+        task.add_done_callback(self._detached_done)
+        with contextlib.suppress(RedisUnavailable):
+            await asyncio.shield(task)
+
+    def _detached_done(self, task: asyncio.Task[Any]) -> None:
+        self._detached.discard(task)
+        if not task.cancelled():
+            task.exception()  # a failure was counted by ``call``; nobody else will look
+
     def _failed(self, op: str, exc: BaseException) -> None:
         self._metrics.redis_errors.labels(op).inc()
         self._retry_at = time.monotonic() + self.retry_after
@@ -162,6 +182,8 @@ class RedisLink:
         if self._probe is not None:
             self._probe.cancel()
             await asyncio.gather(self._probe, return_exceptions=True)
+        if self._detached:  # each is bounded by the timeout already
+            await asyncio.wait(set(self._detached))
         try:
             async with asyncio.timeout(self.timeout):
                 await self.client.aclose()

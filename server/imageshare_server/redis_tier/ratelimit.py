@@ -17,7 +17,6 @@ behind callers: Redis serves slots in arrival order.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 from collections.abc import Awaitable, Callable
 
@@ -135,7 +134,6 @@ class RedisRateLimiter:
     async def _give_back(self, key: str) -> None:
         """Return a slot not used: a cancelled caller must not cost the others a slot."""
         args = [self._interval_us]
-        with contextlib.suppress(RedisUnavailable):
-            await asyncio.shield(
-                self._link.call("rate_limit_refund", lambda r: self._refund(keys=[key], args=args))
-            )
+        await self._link.call_detached(
+            "rate_limit_refund", lambda r: self._refund(keys=[key], args=args)
+        )

@@ -4,6 +4,8 @@
 #
 #   redis-server                the Redis tests start their own on a free port
 #   protoc and plugins, jars    Go and Java caller stubs (scripts/gen_callers.sh), compiled
+#   prometheus                  promtool tests every alert; a real Prometheus scrapes the server
+#                               and evaluates every dashboard and rule expression
 #
 # A prepared machine does not touch the network.
 set -eu
@@ -16,6 +18,7 @@ need() {  # need PACKAGE CHECK...: add PACKAGE when the check fails
 }
 
 need redis-server command -v redis-server
+need prometheus sh -c 'command -v prometheus && command -v promtool'
 need protobuf-compiler command -v protoc
 need protoc-gen-go command -v protoc-gen-go
 need protoc-gen-go-grpc command -v protoc-gen-go-grpc

@@ -53,11 +53,14 @@ LABEL org.opencontainers.image.title="imageshare-server" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.base.name="docker.io/library/python:3.11.14-slim-bookworm"
 
+# IMAGESHARE_REVISION: the commit the image was built from (--build-arg REVISION=...),
+# exported as imageshare_build_info{revision}.
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/venv/bin:$PATH \
     IMAGESHARE_LISTEN=0.0.0.0:50051 \
-    IMAGESHARE_METRICS_LISTEN=0.0.0.0:9464
+    IMAGESHARE_METRICS_LISTEN=0.0.0.0:9464 \
+    IMAGESHARE_REVISION=${REVISION}
 
 COPY --from=builder /opt/venv /opt/venv
 

@@ -174,8 +174,14 @@ def test_every_place_that_names_the_version_agrees() -> None:
     assert label is not None
     assert label.group(1) == VERSION
     registry = CollectorRegistry()
-    ServiceMetrics(registry)
-    assert registry.get_sample_value("imageshare_build_info", {"version": VERSION}) == 1
+    ServiceMetrics(registry, revision="abc1234")
+    build = {
+        "version": VERSION,
+        "revision": "abc1234",
+        "grpcio": version("grpcio"),
+        "protobuf": version("protobuf"),
+    }
+    assert registry.get_sample_value("imageshare_build_info", build) == 1
     for pinned in ("imageshare-client==", "imageshare-server=="):
         dependents = [
             r

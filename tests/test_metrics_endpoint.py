@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 import httpx
@@ -11,37 +13,39 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from imageshare.v1 import image_share_pb2_grpc
+from imageshare_emulator import EmulatorAdmin
 from tests.support.processes import ServerProcess
 from tests.support.rpc import Request
 
 METHOD = {"grpc_service": "imageshare.v1.ImageShareService", "grpc_method": "ListImageShares"}
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
-def scrape(server: ServerProcess) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+def scrape(server: ServerProcess) -> Samples:
     text = httpx.get(server.metrics_url, timeout=5).text
-    samples = {}
+    samples: Samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
     return samples
 
 
-def value(samples, name: str, **labels: str) -> float:
+def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
-def handled(samples, code: str) -> float:
+def handled(samples: Samples, code: str) -> float:
     return value(
         samples, "grpc_server_handled_total", grpc_type="server_stream", grpc_code=code, **METHOD
     )
 
 
 @pytest.fixture
-def metered(start_server) -> ServerProcess:
+def metered(start_server: Callable[..., ServerProcess]) -> ServerProcess:
     return start_server("--cache-ttl", "0")
 
 
-async def _drive(server: ServerProcess, emulator) -> None:
+async def _drive(server: ServerProcess, emulator: EmulatorAdmin) -> None:
     async with grpc.aio.insecure_channel(server.target) as channel:
         stub = image_share_pb2_grpc.ImageShareServiceStub(channel)
         ok = [
@@ -84,7 +88,9 @@ def _wait_started(server: ServerProcess, count: int) -> None:
         time.sleep(0.01)
 
 
-def test_grpc_server_metrics_count_every_call_exactly_once(metered, emulator):
+def test_grpc_server_metrics_count_every_call_exactly_once(
+    metered: ServerProcess, emulator: EmulatorAdmin
+) -> None:
     asyncio.run(_drive(metered, emulator))
     end = time.monotonic() + 10
     while True:
@@ -133,18 +139,22 @@ def test_grpc_server_metrics_count_every_call_exactly_once(metered, emulator):
         )
         == 1
     )
-    assert value(samples, "imageshare_build_info", version="0.1.0") == 1
+    build = {"version": "0.1.0", "revision": "unknown", "grpcio": grpc.__version__}
+    (info,) = [labels for name, labels in samples if name == "imageshare_build_info"]
+    assert build.items() <= dict(info).items()
+    assert "protobuf" in dict(info)
     text = httpx.get(metered.metrics_url, timeout=5).text
     assert "m-demo0000001" not in text
     assert "m-missing0001" not in text
     assert "DemoAccessKeySecretForTheEmulator" not in text
 
 
-def test_health_checks_are_counted_as_unary_calls(metered):
+def test_health_checks_are_counted_as_unary_calls(metered: ServerProcess) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     with grpc.insecure_channel(metered.target) as channel:
-        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        stub: Any = health_pb2_grpc.HealthStub(channel)
+        stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
     samples = scrape(metered)
     assert (
         value(

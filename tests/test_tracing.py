@@ -29,6 +29,7 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_span_in_context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
@@ -239,6 +240,15 @@ async def test_a_python_callers_trace_continues_through_every_upstream_attempt(
         next(s for s in hit if s.name == "imageshare.cache").attributes["imageshare.cache.result"]
         == "hit"
     )
+
+    # Health checks (kubelet probes every few seconds) start no trace, even when asked to.
+    probe = Caller()
+    health: Any = health_pb2_grpc.HealthStub(app.channel())
+    await health.Check(health_pb2.HealthCheckRequest(), metadata=probe.metadata(), timeout=5)
+    marker = Caller()  # spans are exported in the order they end: the probe's would be first
+    await traced_list(app, marker, region_id="cn-hangzhou", image_id="m-demo0000001")
+    await spans_of(otlp, marker.trace_hex, 2)
+    assert not otlp.spans(probe.trace_hex)
 
 
 async def test_no_secret_signature_or_string_to_sign_reaches_a_span(

@@ -17,10 +17,11 @@ ends ``OK`` (a non-OK status discards it). Calls to unknown methods never reach
 a handler and are not counted, which also keeps caller-chosen method names out
 of the label values.
 
-With tracing on, each async call runs in a server span that continues the
-caller's W3C ``traceparent``; the log line is written and the latency observed
-while it is current, so the line carries ``trace_id``/``span_id`` and the
-histogram an exemplar. Nothing of it is done per streamed message.
+With tracing on, each async call (but health checks and reflection) runs in a
+server span that continues the caller's W3C ``traceparent``; the log line is
+written and the latency observed while it is current, so the line carries
+``trace_id``/``span_id`` and the histogram an exemplar. Nothing of it is done
+per streamed message.
 """
 
 from __future__ import annotations
@@ -455,9 +456,12 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         """
         call = _Call(self, labels)
         exc: BaseException | None = None
+        # Probes and reflection are not traced: a kubelet probe would start a trace every
+        # few seconds per pod.
+        tracer = NO_TRACING if labels[1] in self._quiet_services else self.tracer
         with (
             bind_rpc_log_fields() as fields,
-            self.tracer.server_span(labels[1], labels[2], context.invocation_metadata) as span,
+            tracer.server_span(labels[1], labels[2], context.invocation_metadata) as span,
         ):
             call.fields = fields
             call.span = span

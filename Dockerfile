@@ -73,3 +73,6 @@ LABEL org.opencontainers.image.title="imageshare-server" \
       org.opencontainers.image.created="${CREATED}" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.base.name="${PYTHON_IMAGE}"
+
+# The commit the image was built from, exported as imageshare_build_info{revision}.
+ENV IMAGESHARE_REVISION=${REVISION}

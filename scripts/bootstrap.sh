@@ -7,6 +7,8 @@
 #   Go, grpc-go and its deps    clients/go, built offline in GOPATH mode (/usr/share/gocode)
 #   JDK, grpc-java's runtime    clients/java: netty, perfmark, gson, common protos
 #   podman, runc, mmdebstrap    make image: the build, and its stand-in base without a registry
+#   prometheus                  promtool tests every alert; a real Prometheus scrapes the server
+#                               and evaluates every dashboard and rule expression
 #
 # A prepared machine does not touch the network.
 set -eu
@@ -19,6 +21,7 @@ need() {  # need PACKAGE CHECK...: add PACKAGE when the check fails
 }
 
 need redis-server command -v redis-server
+need prometheus sh -c 'command -v prometheus && command -v promtool'
 need protobuf-compiler command -v protoc
 need protoc-gen-go command -v protoc-gen-go
 need protoc-gen-go-grpc command -v protoc-gen-go-grpc

@@ -84,6 +84,14 @@ def test_the_server_wheel_carries_no_emulator_no_demo_key_and_no_tests(
     requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
     assert not [r for r in requires if "emulator" in r]
     assert any(r.startswith("Requires-Dist: redis") and "extra ==" in r for r in requires)
+    # Tracing is optional too: every OpenTelemetry package only with the otel extra.
+    otel = [r for r in requires if r.startswith("Requires-Dist: opentelemetry")]
+    assert {r.split()[1].split("<")[0].split(">")[0] for r in otel} == {
+        "opentelemetry-api",
+        "opentelemetry-sdk",
+        "opentelemetry-exporter-otlp-proto-grpc",
+    }
+    assert all('extra == "otel"' in r for r in otel)
 
 
 def test_the_client_wheel_is_the_client_and_needs_only_grpc_and_protobuf(
@@ -186,8 +194,14 @@ def test_every_place_that_names_the_version_agrees() -> None:
     assert label is not None
     assert label.group(1) == VERSION
     registry = CollectorRegistry()
-    ServiceMetrics(registry)
-    assert registry.get_sample_value("imageshare_build_info", {"version": VERSION}) == 1
+    ServiceMetrics(registry, revision="abc1234")
+    build = {
+        "version": VERSION,
+        "revision": "abc1234",
+        "grpcio": version("grpcio"),
+        "protobuf": version("protobuf"),
+    }
+    assert registry.get_sample_value("imageshare_build_info", build) == 1
     for pinned in ("imageshare-client==", "imageshare-server=="):
         dependents = [
             r

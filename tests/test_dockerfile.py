@@ -129,6 +129,37 @@ def test_runtime_stage_is_hardened_and_complete() -> None:
         assert f"org.opencontainers.image.{key}=" in labels
 
 
+def test_revision_build_argument_reaches_build_info(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--build-arg REVISION=<commit>`` becomes IMAGESHARE_REVISION, which build_info exports."""
+    from prometheus_client import CollectorRegistry
+
+    from imageshare_server.observability.metrics import REVISION_VARIABLE, ServiceMetrics
+
+    runtime = stages()[-1]
+    words = [word for word, _ in runtime]
+    arg_at = next(
+        i for i, (word, rest) in enumerate(runtime) if (word, rest) == ("ARG", "REVISION=unknown")
+    )
+    env_at = next(
+        i for i, (word, rest) in enumerate(runtime) if word == "ENV" and REVISION_VARIABLE in rest
+    )
+    assert arg_at < env_at, "the ARG must be declared in the stage before the ENV uses it"
+    env = dict(pair.split("=", 1) for pair in runtime[env_at][1].split())
+    assert env[REVISION_VARIABLE] == "${REVISION}"
+    assert words.index("ENTRYPOINT") > env_at
+
+    monkeypatch.setenv(REVISION_VARIABLE, "0123abcd")
+    registry = CollectorRegistry()
+    ServiceMetrics(registry)
+    (sample,) = [
+        s
+        for family in registry.collect()
+        if family.name == "imageshare_build"
+        for s in family.samples
+    ]
+    assert sample.labels["revision"] == "0123abcd"
+
+
 def test_entrypoint_is_json_form_console_script() -> None:
     (entrypoint,) = [rest for word, rest in stages()[-1] if word == "ENTRYPOINT"]
     command = json.loads(entrypoint)
@@ -157,10 +188,22 @@ def test_every_copied_path_exists_and_reaches_the_build_context() -> None:
         ), f"COPY {source} is excluded by .dockerignore"
 
 
+def image_extras() -> list[str]:
+    """The server's extras the image installs (``.[redis,otel]`` in runtime.in)."""
+    text = (ROOT / "requirements" / "runtime.in").read_text()
+    match = re.search(r"^\.\[([\w,-]+)\]$", text, re.M)
+    assert match, "runtime.in installs the server with its extras"
+    return match.group(1).split(",")
+
+
 def test_lock_pins_every_runtime_dependency_with_hashes() -> None:
     project = pyproject()
     pins = lock_pins()
-    declared = [*project["dependencies"], *project["optional-dependencies"]["redis"]]
+    assert {"redis", "otel"} <= set(image_extras())
+    declared = [
+        *project["dependencies"],
+        *(r for extra in image_extras() for r in project["optional-dependencies"][extra]),
+    ]
     runtime = [Requirement(r) for r in declared]
     assert len(runtime) >= 8
     for requirement in runtime:

@@ -27,6 +27,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
+from prometheus_client.parser import text_string_to_metric_families
 
 from imageshare.v1 import image_share_pb2_grpc
 from imageshare_emulator import DEMO_ACCESS_KEY_ID, DEMO_ACCESS_KEY_SECRET, EmulatorAdmin
@@ -207,12 +208,22 @@ def test_lists_every_account_from_the_upstream_endpoint(
     assert emulator.counters()["calls_by_action"]["DescribeImageSharePermission"] == 2
 
 
-def test_metrics_answer(container: Container) -> None:
+def test_metrics_answer_with_the_build_the_image_was_made_from(
+    image: str, container: Container
+) -> None:
     with urllib.request.urlopen(container.metrics_url, timeout=10) as answer:
         assert answer.status == 200
         text = answer.read().decode()
-    version = importlib.metadata.version("imageshare-server")
-    assert f'imageshare_build_info{{version="{version}"}} 1.0' in text
+    (info,) = [
+        family
+        for family in text_string_to_metric_families(text)
+        if family.name == "imageshare_build_info"
+    ]
+    labels = info.samples[0].labels
+    assert labels["version"] == importlib.metadata.version("imageshare-server")
+    inspected = podman("image", "inspect", "--format", "{{json .Labels}}", image)
+    revision = json.loads(inspected.stdout)["org.opencontainers.image.revision"]
+    assert labels["revision"] == revision != "unknown"
     assert "grpc_server_handled_total" in text
 
 

@@ -4,7 +4,9 @@ Every PromQL expression in the Grafana dashboard and in the rendered
 PrometheusRule is parsed with a real PromQL parser; each selector must name a
 series the code exports, filtered on labels that series has. A misspelt
 metric or label would otherwise give an empty panel or an alert that can
-never fire, and nothing would say so.
+never fire, and nothing would say so. Every alert links to its section of
+docs/runbook.md, which says what it means, what callers feel, what to check and how
+to fix it.
 """
 
 from __future__ import annotations
@@ -38,17 +40,28 @@ from imageshare_server.redaction import REDACTED, redact, register_secret
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "imageshare"
 DASHBOARD = CHART / "dashboards" / "imageshare.json"
+RUNBOOK = ROOT / "docs" / "runbook.md"
+ALERTS = {
+    "ImageShareHighErrorRatio",
+    "ImageShareHighLatencyP99",
+    "ImageShareUpstreamThrottled",
+    "ImageShareUpstreamCredentialsRejected",
+    "ImageShareUpstreamPermissionDenied",
+    "ImageShareCacheHitRatioLow",
+    "ImageShareRedisUnavailable",
+}
 
 # Labels Prometheus adds at scrape time (ServiceMonitor targets) or histograms carry.
 TARGET_LABELS = {"namespace", "job", "instance", "pod", "service", "container", "endpoint"}
 
 
 def _sample_names(name: str, kind: str) -> set[str]:
+    # No _created: the server does not export them (nothing may read them).
     suffixes = {
-        "counter": ("_total", "_created"),
+        "counter": ("_total",),
         "gauge": ("",),
-        "histogram": ("_bucket", "_sum", "_count", "_created"),
-        "summary": ("", "_sum", "_count", "_created"),
+        "histogram": ("_bucket", "_sum", "_count"),
+        "summary": ("", "_sum", "_count"),
         "info": ("_info",),
     }.get(kind, ("",))
     return {name + suffix for suffix in suffixes}
@@ -164,7 +177,62 @@ def test_dashboard_queries_only_exported_series() -> None:
         "imageshare_cache_entries",
         "imageshare_cache_bytes",
         "imageshare_upstream_credentials_rejected_total",
+        "imageshare_upstream_permission_denied_total",
+        "imageshare_upstream_pages_per_listing_sum",
+        "imageshare_upstream_pages_per_listing_count",
+        "imageshare_redis_up",
+        "imageshare_redis_errors_total",
+        "imageshare_redis_cache_requests_total",
+        "imageshare_redis_lease_waits_total",
+        "imageshare_asyncio_tasks",
+        "imageshare_build_info",
     } <= used
+
+
+def _panels() -> dict[str, dict[str, Any]]:
+    board = json.loads(DASHBOARD.read_text())
+    return {panel["title"]: panel for panel in board["panels"]}
+
+
+def test_pages_per_listing_is_a_mean_not_a_quantile_of_whole_numbers() -> None:
+    """histogram_quantile interpolates inside a bucket: "p50 = 0.75 pages" for one-page lists."""
+    (mean, *_) = _panels()["Pages per listing"]["targets"]
+    assert "histogram_quantile" not in json.dumps(_panels()["Pages per listing"])
+    assert re.fullmatch(
+        r"sum\(rate\(imageshare_upstream_pages_per_listing_sum\{.*\}\[\$__rate_interval\]\)\)"
+        r" / sum\(rate\(imageshare_upstream_pages_per_listing_count\{.*\}\[\$__rate_interval\]\)\)",
+        mean["expr"],
+    )
+
+
+def test_dashboard_shows_redis_tasks_and_the_signals_of_every_alert() -> None:
+    panels = _panels()
+    redis_row = next(title for title in panels if title.startswith("Redis ("))
+    assert panels[redis_row]["type"] == "row"
+    row_y = panels[redis_row]["gridPos"]["y"]
+    below = sorted(
+        (p["gridPos"]["y"], title)
+        for title, p in panels.items()
+        if p["type"] == "row" and p["gridPos"]["y"] > row_y
+    )
+    next_row_y = below[0][0] if below else 10**6
+    in_row = {title for title, p in panels.items() if row_y < p["gridPos"]["y"] < next_row_y}
+    assert {
+        "Redis up",
+        "Redis errors by operation",
+        "Shared (L2) cache lookups",
+        "Lease waits",
+    } <= in_row
+    assert "imageshare_asyncio_tasks" in json.dumps(panels["asyncio tasks"])
+    # What each alert reads is on some panel: the permission and Redis signals included.
+    board = DASHBOARD.read_text()
+    for rule in alert_rules():
+        for name, _ in selectors(promql_parser.parse(rule["expr"])):
+            assert name in board, f"{rule['alert']} reads {name}, which no panel shows"
+    identity = json.dumps(panels["Own identity refused"])
+    assert 'grpc_code=\\"PermissionDenied\\"' in identity
+    assert "imageshare_upstream_permission_denied_total" in identity
+    assert "imageshare_redis_up" in json.dumps(panels["Redis up"])
 
 
 def test_dashboard_is_templated_on_datasource_namespace_and_job() -> None:
@@ -194,15 +262,42 @@ def test_alert_expressions_query_only_exported_series() -> None:
         assert 'job="rel-imageshare"' in rule["expr"]
 
 
+def runbook_sections() -> dict[str, str]:
+    """GitHub's anchor of each ``##`` heading of docs/runbook.md -> the section's text."""
+    sections: dict[str, str] = {}
+    anchor = ""
+    for line in RUNBOOK.read_text().splitlines():
+        if line.startswith("## "):
+            anchor = re.sub(r"[^\w\- ]", "", line[3:].strip().lower()).replace(" ", "-")
+            sections[anchor] = ""
+        elif anchor:
+            sections[anchor] += line + "\n"
+    return sections
+
+
+def test_every_alert_links_to_its_runbook_section() -> None:
+    sections = runbook_sections()
+    for rule in alert_rules():
+        url = rule["annotations"]["runbook_url"]
+        path, _, anchor = url.partition("#")
+        assert path == "docs/runbook.md", url  # the chart's default: the path in this repo
+        assert anchor == rule["alert"].lower()
+        assert anchor in sections, f"docs/runbook.md has no section for {rule['alert']}"
+        text = sections[anchor]
+        for part in ("**Means.**", "**Impact.**", "**Check.**", "**Fix.**"):
+            assert part in text, f"{rule['alert']}: the runbook section lacks {part}"
+    assert "SIGUSR1" in RUNBOOK.read_text()
+    served = render_rule(runbookUrl="https://git.example/imageshare/-/blob/main/docs/runbook.md")
+    for group in served["spec"]["groups"]:
+        for rule in group["rules"]:
+            assert rule["annotations"]["runbook_url"] == (
+                f"https://git.example/imageshare/-/blob/main/docs/runbook.md#{rule['alert'].lower()}"
+            )
+
+
 def test_every_alert_is_actionable() -> None:
     rules = {rule["alert"]: rule for rule in alert_rules()}
-    assert set(rules) == {
-        "ImageShareHighErrorRatio",
-        "ImageShareHighLatencyP99",
-        "ImageShareUpstreamThrottled",
-        "ImageShareUpstreamCredentialsRejected",
-        "ImageShareCacheHitRatioLow",
-    }
+    assert set(rules) == ALERTS
     for rule in rules.values():
         assert rule["annotations"]["summary"]
         assert rule["annotations"]["description"]
@@ -217,6 +312,16 @@ def test_every_alert_is_actionable() -> None:
     )
     error_codes = "Unknown|Internal|Unavailable|DataLoss|DeadlineExceeded"
     assert error_codes in rules["ImageShareHighErrorRatio"]["expr"]
+    # A lost RAM permission pages: upstream Forbidden* or PERMISSION_DENIED answered.
+    permission = rules["ImageShareUpstreamPermissionDenied"]
+    assert permission["labels"]["severity"] == "critical"
+    assert "imageshare_upstream_permission_denied_total" in permission["expr"]
+    assert 'grpc_code="PermissionDenied"' in permission["expr"]
+    credentials = rules["ImageShareUpstreamCredentialsRejected"]["annotations"]["description"]
+    assert "permission" not in credentials  # that is the other alert's business now
+    redis = rules["ImageShareRedisUnavailable"]
+    assert redis["labels"]["severity"] == "warning"
+    assert "imageshare_redis_up" in redis["expr"]
 
 
 def test_thresholds_and_labels_come_from_values() -> None:

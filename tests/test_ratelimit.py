@@ -35,6 +35,9 @@ class Read:
     def waiting_for_slot(self, waiting: bool) -> None:
         """Not used by the limiter."""
 
+    def upstream_answer(self, request_id: str) -> None:
+        """Not used by the limiter."""
+
 
 async def test_calls_beyond_the_burst_are_spaced_at_the_rate() -> None:
     clock = ManualClock()

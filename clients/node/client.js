@@ -230,6 +230,13 @@ class ShareListing {
   }
 }
 
+function toMetadata(metadata) {
+  if (metadata instanceof grpc.Metadata) return metadata;
+  const md = new grpc.Metadata();
+  for (const [key, value] of Object.entries(metadata || {})) md.set(key, String(value));
+  return md;
+}
+
 class ImageShareClient {
   /**
    * @param {string} target host:port
@@ -250,11 +257,17 @@ class ImageShareClient {
     this.timeoutMs = timeoutMs;
   }
 
-  /** Accounts the image is shared with, as a lazy ShareListing. */
-  listShares(regionId, imageId, { ownerAccount = '', pageSize = 0, bypassCache = false, timeoutMs } = {}) {
+  /**
+   * Accounts the image is shared with, as a lazy ShareListing.
+   * `metadata` (an object of strings, or a grpc.Metadata) is sent with the call, e.g. a W3C
+   * `traceparent` so the server's spans join the caller's trace (OpenTelemetry's grpc-js
+   * instrumentation adds it by itself).
+   */
+  listShares(regionId, imageId, { ownerAccount = '', pageSize = 0, bypassCache = false, timeoutMs, metadata } = {}) {
     const request = { regionId, imageId, ownerAccount, pageSize, bypassCache };
     const deadline = new Date(Date.now() + (timeoutMs ?? this.timeoutMs));
-    return new ShareListing(() => this._client.ListImageShares(request, { deadline }));
+    const md = toMetadata(metadata);
+    return new ShareListing(() => this._client.ListImageShares(request, md, { deadline }));
   }
 
   /** True when accountId may use the image: listed, or the image is public (group "all"). */

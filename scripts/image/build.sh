@@ -91,7 +91,7 @@ fi
 
 # The labels go on the command line as well as through the build arguments: buildah 1.28
 # (Debian's podman 4.3) keys its layer cache on the unexpanded LABEL instruction, so a new
-# REVISION alone would get the previous build's labels back from the cache.
+# REVISION alone would get the previous build's labels (and ENV) back from the cache.
 started=$(date +%s)
 podman build "$pull" "${volumes[@]}" \
     --build-arg PYTHON_IMAGE="$base" \
@@ -102,6 +102,7 @@ podman build "$pull" "${volumes[@]}" \
     --label org.opencontainers.image.revision="$revision" \
     --label org.opencontainers.image.created="$created" \
     --label org.opencontainers.image.base.name="$base" \
+    --env IMAGESHARE_REVISION="$revision" \
     --iidfile "$work/iid" \
     -t "$image:$version" -t "$image:latest" \
     -f "$root/Dockerfile" "$root" >&2

@@ -7,7 +7,8 @@ more time extends a read under way. A read that only fills the cache after
 its callers gave up runs to its own limit; callers who cannot wait that long
 learn why from the read as it waits: ``queued`` (for a rate-limit slot, with
 the expected wait) and ``waiting_for_slot`` (for one of the upstream
-connection slots).
+connection slots). ``upstream_answer`` hands it the RequestId of every
+answered attempt, failed ones included, for the callers' log lines.
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ class ReadDeadline(Protocol):
         """The read starts (True) or stops (False) waiting for an upstream connection slot."""
         ...
 
+    def upstream_answer(self, request_id: str) -> None:
+        """An upstream attempt of the read was answered with ``request_id`` (errors too)."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class FixedDeadline:
@@ -56,6 +61,9 @@ class FixedDeadline:
 
     def waiting_for_slot(self, waiting: bool) -> None:
         """Nothing to tell: the caller is the read."""
+
+    def upstream_answer(self, request_id: str) -> None:
+        """Nothing to keep: the caller sees the page's or the error's own RequestId."""
 
 
 NO_DEADLINE = FixedDeadline()

@@ -34,6 +34,8 @@ CREDENTIAL_CODES = (
     "IncompleteSignature",
 )
 SERVER_CODES = ("InternalError", "UnknownError", "ServiceUnavailable")
+# The service's own identity lacks permission (RAM policy, disabled AccessKey, risk control).
+PERMISSION_CODES = ("Forbidden",)
 
 # Upstream codes that may appear as metric label values; anything else is "other".
 KNOWN_UPSTREAM_CODES = frozenset(
@@ -154,6 +156,11 @@ class UpstreamApiError(UpstreamError):
     @property
     def is_credentials(self) -> bool:
         return self.code.startswith(CREDENTIAL_CODES)
+
+    @property
+    def is_permission_denied(self) -> bool:
+        """The service's own identity is not allowed the call (``Forbidden*``)."""
+        return self.code.startswith(PERMISSION_CODES)
 
     @property
     def is_server_error(self) -> bool:

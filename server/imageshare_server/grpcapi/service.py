@@ -135,7 +135,8 @@ class ImageShareService:
             log.exception("unexpected error in ListImageShares")
             call.fail(status.internal_error())
         finally:
-            fields["upstream_request_ids"] = request_ids
+            # A read's own list (every attempt, failed ones too) is set by the source.
+            fields.setdefault("upstream_request_ids", request_ids)
 
 
 class _Call:

@@ -94,7 +94,7 @@ def upstream_grpc_code(error: UpstreamApiError) -> grpc.StatusCode:
         ("InvalidRegionId.", "InvalidParameter.")
     ):
         return grpc.StatusCode.INVALID_ARGUMENT
-    if code.startswith("Forbidden"):
+    if error.is_permission_denied:
         return grpc.StatusCode.PERMISSION_DENIED
     if error.is_server_error:
         return grpc.StatusCode.UNAVAILABLE

@@ -54,6 +54,7 @@ from imageshare_server.core.errors import (
 from imageshare_server.core.types import ShareKey, ShareList, SharePage
 from imageshare_server.listing.snapshot import SnapshotChecker, page_count
 from imageshare_server.observability.metrics import ServiceMetrics
+from imageshare_server.observability.tracing import NO_TRACING, SpanIds, Tracer, current_span_ids
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,8 @@ class UpstreamOnly:
 
 UPSTREAM_ONLY = UpstreamOnly()
 
+FLIGHT_SPAN = "imageshare.flight"
+
 
 class Flight:
     """One read of one key; also the ``ReadDeadline`` its upstream calls run under."""
@@ -129,8 +132,10 @@ class Flight:
         outlives_callers: bool = False,
         clock: Clock = SYSTEM_CLOCK,
         metrics: ServiceMetrics | None = None,
+        tracer: Tracer = NO_TRACING,
     ) -> None:
         self._metrics = metrics or ServiceMetrics.unregistered()
+        self._tracer = tracer
         self.key = spec.key
         self.spec = spec
         self.started = clock.monotonic()
@@ -139,6 +144,10 @@ class Flight:
         self.pages: list[SharePage] = []
         self.result: ShareList | None = None
         self.error: BaseException | None = None
+        # Every answered upstream attempt's RequestId, failed ones included (for log lines).
+        self.request_ids: list[str] = []
+        # The flight's span, for callers who join it to link to (tracing on).
+        self.span_ids: SpanIds | None = None
         self._client = client
         self._options = options
         self._strategy = strategy
@@ -184,6 +193,9 @@ class Flight:
     def waiting_for_slot(self, waiting: bool) -> None:
         self._slot_waits += 1 if waiting else -1
 
+    def upstream_answer(self, request_id: str) -> None:
+        self.request_ids.append(request_id)
+
     def stuck_error(self) -> ImageShareError:
         """Why a follower whose time ran out got nothing: what the read is waiting for."""
         now = self._clock.monotonic()
@@ -220,22 +232,30 @@ class Flight:
         self._on_orphaned = on_orphaned
 
         async def run() -> None:
-            try:
-                remaining = self.cap - self._clock.monotonic()
+            with self._tracer.span(FLIGHT_SPAN) as span:
+                self.span_ids = current_span_ids()
+                if span.recording:
+                    span.set("cloud.region", self.key.region_id)
+                    span.set("imageshare.image_id", self.key.image_id)
+                    span.set("imageshare.refresh", self.spec.expected_total is not None)
                 try:
-                    async with asyncio.timeout(remaining):
-                        self.result = await self._strategy.read(self, self.read_upstream)
-                except TimeoutError:
-                    raise ListingTimeoutError(self._options.timeout) from None
-            except asyncio.CancelledError:
-                self.error = asyncio.CancelledError()
-                raise
-            except Exception as exc:  # handed to every follower, who maps it to a status
-                self.error = exc
-            finally:
-                self._done.set()
-                self._notify()
-                on_done(self)
+                    remaining = self.cap - self._clock.monotonic()
+                    try:
+                        async with asyncio.timeout(remaining):
+                            self.result = await self._strategy.read(self, self.read_upstream)
+                    except TimeoutError:
+                        raise ListingTimeoutError(self._options.timeout) from None
+                except asyncio.CancelledError:
+                    self.error = asyncio.CancelledError()
+                    raise
+                except Exception as exc:  # handed to every follower, who maps it to a status
+                    self.error = exc
+                    span.fail(f"{type(exc).__name__}: {exc}")
+                finally:
+                    span.set("imageshare.upstream.requests", len(self.request_ids))
+                    self._done.set()
+                    self._notify()
+                    on_done(self)
 
         self._task = asyncio.get_running_loop().create_task(run(), name=f"flight {self.key}")
 

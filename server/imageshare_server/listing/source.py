@@ -22,6 +22,12 @@ small L1: when it has no fresh entry, a newer list stored by any replica is
 looked up first, and reads are coordinated across replicas through the
 tier's ``ReadStrategy``. Without one the behaviour is exactly the
 in-process one.
+
+Traced (when tracing is on): the cache decision is a span of its own
+(``imageshare.cache.result``: hit, miss, stale, bypass, coalesced,
+negative_hit); a read it starts is that span's child, and a caller who joins
+a read under way links to it. The caller's log line lists the RequestId of
+every upstream attempt of the read it followed, failed ones included.
 """
 
 from __future__ import annotations
@@ -50,7 +56,9 @@ from imageshare_server.listing.flight import (
     PageReader,
     ReadStrategy,
 )
+from imageshare_server.observability.logging import rpc_log_fields
 from imageshare_server.observability.metrics import ServiceMetrics
+from imageshare_server.observability.tracing import NO_TRACING, Span, Tracer
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +69,8 @@ MIN_READ_SECONDS = 0.01
 # fifth of its time), so what it gets instead (a list to fall back on, or a
 # status with details) still reaches it before the deadline does.
 MARGIN_SECONDS = 0.05
+
+CACHE_SPAN = "imageshare.cache"
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +125,17 @@ def _transient(error: BaseException) -> bool:
     return isinstance(error, ImageShareError) and error.transient
 
 
+@dataclass(slots=True)
+class _Plan:
+    """What the cache decided for one call: a chunk to serve now, or a read to follow."""
+
+    served: ShareChunk | None = None
+    flight: Flight | None = None
+    status: CacheStatus = CacheStatus.MISS
+    fallback: CacheEntry | None = None
+    follow_until: float | None = None
+
+
 class SharedShareSource:
     def __init__(
         self,
@@ -126,8 +147,10 @@ class SharedShareSource:
         max_orphan_reads: int = 8,
         clock: Clock = SYSTEM_CLOCK,
         metrics: ServiceMetrics | None = None,
+        tracer: Tracer = NO_TRACING,
     ) -> None:
         self._metrics = metrics or ServiceMetrics.unregistered()
+        self._tracer = tracer
         self._client = client
         # Shared lists need the cache's windows; with the cache off, Redis only limits the rate.
         self._shared = shared if cache.policy.enabled else None
@@ -166,6 +189,7 @@ class SharedShareSource:
             outlives_callers=self._cache.policy.enabled,
             clock=self._clock,
             metrics=self._metrics,
+            tracer=self._tracer,
         )
         self._flights[spec.key] = flight
         flight.start(self._landed, self._orphaned)
@@ -236,46 +260,61 @@ class SharedShareSource:
     async def stream(
         self, query: ShareQuery, *, deadline: float | None, caller: str = ""
     ) -> AsyncIterator[ShareChunk]:
+        # The span covers the decision only: it must not stay current across a yield.
+        with self._tracer.span(CACHE_SPAN) as span:
+            plan = await self._plan(query, deadline, span)
+        if plan.served is not None:
+            yield plan.served
+            return
+        assert plan.flight is not None
+        async for chunk in self._follow(
+            plan.flight, plan.status, plan.follow_until, caller, plan.fallback
+        ):
+            yield chunk
+
+    async def _plan(self, query: ShareQuery, deadline: float | None, span: Span) -> _Plan:
         fallback: CacheEntry | None = None
         if not query.bypass_cache:
             entry = await self._lookup(query.key)
             if entry is not None:
-                served = self._from_cache(entry)
+                served = self._from_cache(entry, span)
                 if served is not None:
-                    yield served
-                    return
+                    return _Plan(served=served)
                 fallback = entry  # only good if a read fails
         now = self._clock.monotonic()
         if deadline is not None and deadline - now < MIN_READ_SECONDS:
             if fallback is None:
                 raise DeadlineExceededError("the caller's deadline leaves no time to read the list")
-            yield self._stale(fallback, "deadline")
-            return
-        flight, status = self._read_for(query, fallback)
+            span.set("imageshare.cache.result", "stale")
+            return _Plan(served=self._stale(fallback, "deadline"))
+        flight, status = self._read_for(query, fallback, span)
         follow_until = None
         if deadline is not None:
             follow_until = deadline - min(MARGIN_SECONDS, (deadline - now) / 5)
-        async for chunk in self._follow(flight, status, follow_until, caller, fallback):
-            yield chunk
+        return _Plan(flight=flight, status=status, fallback=fallback, follow_until=follow_until)
 
-    def _from_cache(self, entry: CacheEntry) -> ShareChunk | None:
+    def _counted(self, span: Span, result: str) -> None:
+        self._metrics.cache_requests.labels(result).inc()
+        span.set("imageshare.cache.result", result)
+
+    def _from_cache(self, entry: CacheEntry, span: Span) -> ShareChunk | None:
         """A fresh or revalidating entry's chunk; None when it is only a fallback."""
         if entry.error is not None:
-            self._metrics.cache_requests.labels("negative_hit").inc()
+            self._counted(span, "negative_hit")
             raise UpstreamApiError.from_data(entry.error)
         freshness = self._cache.freshness(entry)
         if freshness is Freshness.FRESH:
-            self._metrics.cache_requests.labels("hit").inc()
+            self._counted(span, "hit")
             return _cached_chunk(entry, CacheStatus.HIT)
         if freshness is Freshness.STALE:
-            self._metrics.cache_requests.labels("stale").inc()
+            self._counted(span, "stale")
             self._metrics.cache_stale_serves.labels("revalidating").inc()
             self.refresh_in_background(entry)
             return _cached_chunk(entry, CacheStatus.STALE)
         return None
 
     def _read_for(
-        self, query: ShareQuery, fallback: CacheEntry | None
+        self, query: ShareQuery, fallback: CacheEntry | None, span: Span
     ) -> tuple[Flight, CacheStatus]:
         """The read to follow (joined or new), and what the caller is told it is."""
         shares = fallback.shares if fallback is not None else None
@@ -296,7 +335,9 @@ class SharedShareSource:
             self._metrics.coalesced_waits.inc()
         else:
             status = CacheStatus.MISS
-        self._metrics.cache_requests.labels(status.value).inc()
+        if joined:
+            span.link(flight.span_ids)
+        self._counted(span, status.value)
         return flight, status
 
     async def _follow(
@@ -344,6 +385,8 @@ class SharedShareSource:
             yield self._stale(fallback, "upstream_error")
         finally:
             await pages.aclose()
+            # The RPC's log line: every attempt of the read it followed, failed ones too.
+            rpc_log_fields()["upstream_request_ids"] = list(flight.request_ids)
 
     def _stale(self, entry: CacheEntry, reason: str) -> ShareChunk:
         self._metrics.cache_stale_serves.labels(reason).inc()

@@ -16,6 +16,12 @@ one received message, a unary response one sent message only when the call
 ends ``OK`` (a non-OK status discards it). Calls to unknown methods never reach
 a handler and are not counted, which also keeps caller-chosen method names out
 of the label values.
+
+With tracing on, each async call (but health checks and reflection) runs in a
+server span that continues the caller's W3C ``traceparent``; the log line is
+written and the latency observed while it is current, so the line carries
+``trace_id``/``span_id`` and the histogram an exemplar. Nothing of it is done
+per streamed message.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 
 from imageshare_server.observability.logging import bind_rpc_log_fields
 from imageshare_server.observability.metrics import LATENCY_BUCKETS
+from imageshare_server.observability.tracing import NO_SPAN, NO_TRACING, Span, Tracer, exemplar
 
 __all__ = ["GO_CODE_NAMES", "SERVER_FAULT_CODES", "GrpcMetricsInterceptor"]
 
@@ -55,6 +62,8 @@ GO_CODE_NAMES: dict[grpc.StatusCode, str] = {
     grpc.StatusCode.DATA_LOSS: "DataLoss",
     grpc.StatusCode.UNAUTHENTICATED: "Unauthenticated",
 }
+
+_CODE_NUMBERS = {name: code.value[0] for code, name in GO_CODE_NAMES.items()}
 
 # Codes that mean the server (or what it depends on) failed the caller; the
 # error-ratio alert and the WARNING level of the RPC log line use the same set.
@@ -122,6 +131,7 @@ class _Call:
         "labels",
         "received",
         "sent",
+        "span",
     )
 
     def __init__(self, interceptor: GrpcMetricsInterceptor, labels: tuple[str, str, str]) -> None:
@@ -131,6 +141,7 @@ class _Call:
         self.received = 0
         self.sent = 0
         self.fields: dict[str, Any] = {}
+        self.span: Span = NO_SPAN
         self._finished = False
         self._start = time.perf_counter()
         interceptor.started.labels(*labels).inc()
@@ -154,9 +165,22 @@ class _Call:
         code = _final_code(context, exc)
         interceptor = self._interceptor
         interceptor.handled.labels(*self.labels, code).inc()
-        interceptor.handling_seconds.labels(*self.labels).observe(duration)
+        interceptor.handling_seconds.labels(*self.labels).observe(duration, exemplar())
         if interceptor.log_rpcs:
             interceptor.log_call(self, context, code, duration)
+        if self.span.recording:
+            self._describe(code)
+
+    def _describe(self, code: str) -> None:
+        """The call's outcome on its span: status code, and what the handler logged."""
+        span = self.span
+        span.set("rpc.grpc.status_code", _CODE_NUMBERS.get(code, 2))
+        for field in ("region", "image", "cache"):
+            value = self.fields.get(field)
+            if isinstance(value, str):
+                span.set(f"imageshare.{field}", value)
+        if code in SERVER_FAULT_CODES:
+            span.fail(code)
 
 
 def _final_code(context: _StatusSource, exc: BaseException | None) -> str:
@@ -244,8 +268,10 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         log_rpcs: bool = True,
         quiet_services: Collection[str] = DEFAULT_QUIET_SERVICES,
         logger: logging.Logger = _RPC_LOGGER,
+        tracer: Tracer = NO_TRACING,
     ) -> None:
         self.log_rpcs = log_rpcs
+        self.tracer = tracer
         self._quiet_services = frozenset(quiet_services)
         self._logger = logger
         self.started = Counter(
@@ -430,8 +456,15 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         """
         call = _Call(self, labels)
         exc: BaseException | None = None
-        with bind_rpc_log_fields() as fields:
+        # Probes and reflection are not traced: a kubelet probe would start a trace every
+        # few seconds per pod.
+        tracer = NO_TRACING if labels[1] in self._quiet_services else self.tracer
+        with (
+            bind_rpc_log_fields() as fields,
+            tracer.server_span(labels[1], labels[2], context.invocation_metadata) as span,
+        ):
             call.fields = fields
+            call.span = span
             if streaming_request:
                 request = _CountingIterator(request, call)
             else:

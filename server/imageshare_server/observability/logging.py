@@ -9,7 +9,8 @@ signatures, embeds the STS token).
 
 The per-RPC log line is written by the gRPC interceptor
 (``observability.grpc_metrics``); handlers add their own fields to it through
-:func:`rpc_log_fields`.
+:func:`rpc_log_fields`. A line written while a traced span is current (an RPC
+with tracing on, and everything it runs) carries ``trace_id`` and ``span_id``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, TextIO
 
+from imageshare_server.observability.tracing import current_span_ids
 from imageshare_server.redaction import redact, redact_encoded
 
 __all__ = [
@@ -60,6 +62,8 @@ _RECORD_ATTRIBUTES = frozenset(logging.LogRecord("", 0, "", 0, "", None, None)._
 class JsonFormatter(logging.Formatter):
     """One JSON object per record: ``ts``, ``level``, ``logger``, ``msg``, extras, ``exc``.
 
+    Inside a traced span, ``trace_id`` and ``span_id`` (W3C hex) follow ``msg``.
+
     Keys passed with ``extra=`` become top-level keys; a mapping passed as
     ``extra={"fields": {...}}`` is merged at the top level too, which allows
     keys that ``logging`` reserves (``msg``, ``args``...) to be avoided
@@ -74,6 +78,10 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        span = current_span_ids()
+        if span is not None:
+            entry["trace_id"] = span.trace_hex
+            entry["span_id"] = span.span_hex
         for key, value in record.__dict__.items():
             if key in _RECORD_ATTRIBUTES:
                 continue

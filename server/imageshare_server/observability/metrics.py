@@ -7,13 +7,30 @@ registry it is given (client_python's ``registry=`` idiom), so two apps in
 one process, or a test, each get their own. Label values are bounded: no
 image or account ids, regions only after validation (and ``other`` for a
 region the service does not know), upstream codes from a known set.
+
+Every labelled counter a panel or an alert reads is exported at zero for its
+known label values from the start (``initialize_*``): a series born at 1 on
+its first event is invisible to ``increase()`` and ``rate()``, so a single
+rejected credential would never alert and panels would stay empty until then.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
+
+import grpc
+from google import protobuf
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from imageshare_server import __version__
+from imageshare_server.core.errors import (
+    CREDENTIAL_CODES,
+    KNOWN_UPSTREAM_CODES,
+    PERMISSION_CODES,
+    SERVER_CODES,
+    THROTTLING_CODES,
+)
 
 # 1 ms .. 30 s: loopback cache hits at the bottom, a slow upstream with
 # retries at the top.
@@ -21,11 +38,56 @@ LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
 
+# The known label values, exported at zero from the start.
+CACHE_RESULTS = ("hit", "miss", "stale", "bypass", "coalesced", "negative_hit")
+STALE_REASONS = ("revalidating", "upstream_error", "deadline")
+EVICTION_REASONS = ("size", "entries", "expired")
+TRANSPORT_OUTCOMES = ("timeout", "connection_error", "malformed_response")
+# Upstream codes a retry can follow (throttling, server errors, a reused nonce);
+# "other" stands for any code outside the known set.
+RETRY_REASONS = (
+    *sorted(
+        code
+        for code in KNOWN_UPSTREAM_CODES
+        if code.startswith((*THROTTLING_CODES, *SERVER_CODES, "HTTP5", "SignatureNonceUsed"))
+    ),
+    "other",
+    *TRANSPORT_OUTCOMES,
+)
+CREDENTIAL_OUTCOMES = (
+    *sorted(c for c in KNOWN_UPSTREAM_CODES if c.startswith(CREDENTIAL_CODES)),
+    "other",
+)
+PERMISSION_OUTCOMES = (
+    *sorted(c for c in KNOWN_UPSTREAM_CODES if c.startswith(PERMISSION_CODES)),
+    "other",
+)
+REDIS_OPS = (
+    "get", "set", "lease_acquire", "lease_release", "lease_renew", "rate_limit",
+    "rate_limit_refund", "ping",
+)  # fmt: skip
+REDIS_CACHE_RESULTS = ("hit", "miss", "error")
+LEASE_WAIT_OUTCOMES = ("result", "takeover", "fallback")
+
+# Set by the image from its REVISION build argument (the commit it was built from).
+REVISION_VARIABLE = "IMAGESHARE_REVISION"
+
+
+def build_revision(environ: Mapping[str, str] | None = None) -> str:
+    """The source revision the running build came from, or ``unknown``."""
+    environ = os.environ if environ is None else environ
+    return environ.get(REVISION_VARIABLE, "").strip() or "unknown"
+
 
 class ServiceMetrics:
-    """Every service metric, registered on ``registry`` (None: on no registry at all)."""
+    """Every service metric, registered on ``registry`` (None: on no registry at all).
 
-    def __init__(self, registry: CollectorRegistry | None = REGISTRY) -> None:
+    ``revision`` goes into ``imageshare_build_info`` (default: ``$IMAGESHARE_REVISION``).
+    """
+
+    def __init__(
+        self, registry: CollectorRegistry | None = REGISTRY, *, revision: str | None = None
+    ) -> None:
         self.upstream_requests = Counter(
             "imageshare_upstream_requests_total",
             "Upstream OpenAPI attempts by outcome: OK, the upstream Code, or a transport "
@@ -143,15 +205,61 @@ class ServiceMetrics:
             ["code"],
             registry=registry,
         )
+        self.permission_denied = Counter(
+            "imageshare_upstream_permission_denied_total",
+            "Upstream answers that denied the service's own identity permission "
+            "(Forbidden*: RAM policy, disabled AccessKey, risk control), by upstream Code.",
+            ["code"],
+            registry=registry,
+        )
         self.asyncio_tasks = Gauge(
             "imageshare_asyncio_tasks",
             "Tasks alive in the server's event loop; steady growth under steady load is a leak.",
             registry=registry,
         )
         self.build_info = Info(
-            "imageshare_build", "Version of the running imageshare server.", registry=registry
+            "imageshare_build",
+            "Version and source revision of the running imageshare server, and the grpcio "
+            "and protobuf versions it runs on.",
+            registry=registry,
         )
-        self.build_info.info({"version": __version__})
+        self.build_info.info(
+            {
+                "version": __version__,
+                "revision": revision if revision is not None else build_revision(),
+                "grpcio": grpc.__version__,
+                "protobuf": protobuf.__version__,
+            }
+        )
+        self._initialize()
+
+    def _initialize(self) -> None:
+        """Zero-valued series for the label values known without any traffic."""
+        for result in CACHE_RESULTS:
+            self.cache_requests.labels(result)
+        for reason in STALE_REASONS:
+            self.cache_stale_serves.labels(reason)
+        for reason in EVICTION_REASONS:
+            self.cache_evictions.labels(reason)
+        for code in CREDENTIAL_OUTCOMES:
+            self.credentials_rejected.labels(code)
+        for code in PERMISSION_OUTCOMES:
+            self.permission_denied.labels(code)
+
+    def initialize_upstream(self, action: str) -> None:
+        """Zero-valued retry series of an upstream ``action`` (its client calls this)."""
+        for reason in RETRY_REASONS:
+            self.upstream_retries.labels(action, reason)
+        self.upstream_retries_denied.labels(action)
+
+    def initialize_redis(self) -> None:
+        """Zero-valued Redis series (the Redis link calls this: only with ``--redis-url``)."""
+        for op in REDIS_OPS:
+            self.redis_errors.labels(op)
+        for result in REDIS_CACHE_RESULTS:
+            self.redis_cache_requests.labels(result)
+        for outcome in LEASE_WAIT_OUTCOMES:
+            self.redis_lease_waits.labels(outcome)
 
     @classmethod
     def unregistered(cls) -> ServiceMetrics:

@@ -8,7 +8,8 @@ A background probe (PING) brings the link back when Redis returns. Each
 transition is logged once and exported as ``imageshare_redis_up``.
 
 ``redis`` (redis-py) is imported only when a URL is configured, so a
-deployment without Redis never loads it.
+deployment without Redis never loads it. With tracing on, each operation made
+inside a trace is a client span (``redis <op>``; no keys or values).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from imageshare_server.observability.metrics import ServiceMetrics
+from imageshare_server.observability.tracing import NO_TRACING, Tracer
 from imageshare_server.redaction import register_secret
 
 if TYPE_CHECKING:
@@ -53,8 +55,11 @@ class RedisLink:
         timeout: float = 0.25,
         retry_after: float = 1.0,
         metrics: ServiceMetrics | None = None,
+        tracer: Tracer = NO_TRACING,
     ) -> None:
         self._metrics = metrics or ServiceMetrics.unregistered()
+        self._metrics.initialize_redis()
+        self._tracer = tracer
         self.client = client
         self.description = description
         self.timeout = timeout
@@ -67,7 +72,12 @@ class RedisLink:
 
     @classmethod
     def from_url(
-        cls, url: str, *, timeout: float = 0.25, metrics: ServiceMetrics | None = None
+        cls,
+        url: str,
+        *,
+        timeout: float = 0.25,
+        metrics: ServiceMetrics | None = None,
+        tracer: Tracer = NO_TRACING,
     ) -> RedisLink:
         """Connect lazily to ``redis://`` or ``rediss://`` (TLS); the password stays out of logs."""
         from redis.asyncio import Redis  # noqa: PLC0415  (optional dependency)
@@ -87,7 +97,9 @@ class RedisLink:
             health_check_interval=0,
             max_connections=64,
         )
-        return cls(client, description=describe_url(url), timeout=timeout, metrics=metrics)
+        return cls(
+            client, description=describe_url(url), timeout=timeout, metrics=metrics, tracer=tracer
+        )
 
     @property
     def up(self) -> bool:
@@ -105,16 +117,22 @@ class RedisLink:
         """Run one Redis operation within the timeout, or raise ``RedisUnavailable``."""
         if not force and not self.available():
             raise RedisUnavailable(op)
-        try:
-            # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns the result of an
-            # operation that finished as the caller was cancelled, and the cancel is lost.
-            async with asyncio.timeout(self.timeout):
-                result = await action(self.client)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self._failed(op, exc)
-            raise RedisUnavailable(op) from None
+        with self._tracer.span(f"redis {op}", kind="client", only_in_trace=True) as span:
+            if span.recording:
+                span.set("db.system.name", "redis")
+                span.set("db.operation.name", op)
+                span.set("server.address", self.description)
+            try:
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns the result of
+                # an operation that finished as the caller was cancelled, and the cancel is lost.
+                async with asyncio.timeout(self.timeout):
+                    result = await action(self.client)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._failed(op, exc)
+                span.set("error.type", type(exc).__name__)
+                raise RedisUnavailable(op) from None
         self._succeeded()
         return result
 

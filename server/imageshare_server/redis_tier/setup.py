@@ -10,6 +10,7 @@ from imageshare_server.config import Settings
 from imageshare_server.core.clock import Clock
 from imageshare_server.core.credentials import CredentialsProvider
 from imageshare_server.observability.metrics import ServiceMetrics
+from imageshare_server.observability.tracing import NO_TRACING, Tracer
 from imageshare_server.ratelimit import BucketNames, UpstreamRateLimiter
 from imageshare_server.redis_tier.link import RedisLink
 from imageshare_server.redis_tier.ratelimit import RedisRateLimiter
@@ -19,7 +20,10 @@ log = logging.getLogger(__name__)
 
 
 async def connect(
-    settings: Settings, stack: contextlib.AsyncExitStack, metrics: ServiceMetrics
+    settings: Settings,
+    stack: contextlib.AsyncExitStack,
+    metrics: ServiceMetrics,
+    tracer: Tracer = NO_TRACING,
 ) -> RedisLink | None:
     """The link to ``--redis-url``, probed in the background; None when none is configured.
 
@@ -28,7 +32,9 @@ async def connect(
     """
     if not settings.redis_url:
         return None
-    link = RedisLink.from_url(settings.redis_url, timeout=settings.redis_timeout, metrics=metrics)
+    link = RedisLink.from_url(
+        settings.redis_url, timeout=settings.redis_timeout, metrics=metrics, tracer=tracer
+    )
     link.start_probe()
     stack.push_async_callback(link.aclose)
     log.info(

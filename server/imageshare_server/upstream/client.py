@@ -18,6 +18,13 @@ What an attempt may hold, and for how long:
 Answers are untrusted: a body that is too large, too deep, badly encoded or
 not the documented shape is a transient ``malformed_response`` (retried,
 then UNAVAILABLE, and a stale list may be served instead).
+
+Traced (when tracing is on): one span per page, and under it one per attempt
+(page, attempt number, HTTP status, upstream code and RequestId, the reason
+of the retry) with the rate-limit wait as its child. No URL, header or body
+goes into a span: V1 signatures and STS tokens travel in the query string.
+Every answered attempt's RequestId, failed ones included, is reported to the
+read (``ReadDeadline.upstream_answer``) for the RPC's log line.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from typing import Any, Literal, Protocol
 import httpx
 
 from imageshare_server.core.clock import SYSTEM_CLOCK, Clock
-from imageshare_server.core.credentials import CredentialsProvider
+from imageshare_server.core.credentials import Credentials, CredentialsProvider
 from imageshare_server.core.deadline import NO_DEADLINE, ReadDeadline
 from imageshare_server.core.errors import (
     DeadlineExceededError,
@@ -43,10 +50,12 @@ from imageshare_server.core.errors import (
     UpstreamBusyError,
     UpstreamError,
     UpstreamTransportError,
+    bounded_request_id,
 )
 from imageshare_server.core.types import Account, SharePage
 from imageshare_server.observability.metrics import ServiceMetrics
-from imageshare_server.upstream.endpoints import EndpointResolver, region_label
+from imageshare_server.observability.tracing import NO_TRACING, Span, Tracer, exemplar
+from imageshare_server.upstream.endpoints import Endpoint, EndpointResolver, region_label
 from imageshare_server.upstream.retry import RetryPolicy, UnlimitedRetries
 from imageshare_server.upstream.signing import canonical_query, sign_v1, sign_v3
 
@@ -64,6 +73,10 @@ _ALIYUN_ID = re.compile(r"[0-9]{1,32}")
 _GROUP = re.compile(r"[\x21-\x7e]{1,64}")
 # Below this, an attempt could not even be sent before the deadline.
 _MIN_ATTEMPT_SECONDS = 0.001
+
+PAGE_SPAN = "imageshare.upstream.page"
+ATTEMPT_SPAN = f"ecs {ACTION}"
+RATE_LIMIT_SPAN = "imageshare.rate_limit.wait"
 
 
 class RetryGate(Protocol):
@@ -98,6 +111,7 @@ class EcsClient:
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         clock: Clock = SYSTEM_CLOCK,
         metrics: ServiceMetrics | None = None,
+        tracer: Tracer = NO_TRACING,
     ) -> None:
         self._http = http
         self._credentials = credentials
@@ -112,6 +126,8 @@ class EcsClient:
         self._max_response_bytes = max_response_bytes
         self._clock = clock
         self._metrics = metrics or ServiceMetrics.unregistered()
+        self._metrics.initialize_upstream(ACTION)
+        self._tracer = tracer
 
     async def describe_image_share_permission(
         self,
@@ -133,29 +149,63 @@ class EcsClient:
         if owner_account:
             params["OwnerAccount"] = owner_account
         bucket = self._endpoints.bucket(region_id)
-        attempt = 1
-        while True:
+        with self._tracer.span(PAGE_SPAN) as span:
+            if span.recording:
+                span.set("cloud.region", region_id)
+                span.set("imageshare.page", page_number)
+                span.set("imageshare.page_size", page_size)
+            attempt = 1
+            retry_reason = ""
+            while True:
+                try:
+                    page = await self._traced_attempt(
+                        region_id, params, deadline, attempt, retry_reason
+                    )
+                except UpstreamError as exc:
+                    span.set("imageshare.attempts", attempt)
+                    if not exc.retryable:
+                        raise
+                    self._gate.on_failure(bucket)
+                    if attempt >= self._retry.max_attempts:
+                        raise
+                    delay = self._retry.delay(attempt, exc)
+                    limit = deadline.at()
+                    if limit is not None and self._clock.monotonic() + delay >= limit:
+                        raise
+                    if not self._gate.allow_retry(bucket):
+                        self._metrics.upstream_retries_denied.labels(ACTION).inc()
+                        span.set("imageshare.retry_denied", True)
+                        raise
+                    self._metrics.upstream_retries.labels(ACTION, exc.outcome).inc()
+                    await self._clock.sleep(delay)
+                    attempt += 1
+                    retry_reason = exc.outcome
+                else:
+                    self._gate.on_success(bucket)
+                    span.set("imageshare.attempts", attempt)
+                    return page
+
+    async def _traced_attempt(
+        self,
+        region_id: str,
+        params: Mapping[str, str],
+        deadline: ReadDeadline,
+        attempt: int,
+        retry_reason: str,
+    ) -> SharePage:
+        """One attempt, parsed, in a span of its own."""
+        with self._tracer.span(ATTEMPT_SPAN, kind="client") as span:
+            if span.recording:
+                span.set("imageshare.page", int(params["PageNumber"]))
+                span.set("imageshare.attempt", attempt)
+                span.set("http.request.method", "POST")
+                if retry_reason:
+                    span.set("imageshare.retry.reason", retry_reason)
             try:
-                page = parse_page(await self._attempt(region_id, params, deadline))
+                return parse_page(await self._attempt(region_id, params, deadline, span))
             except UpstreamError as exc:
-                if not exc.retryable:
-                    raise
-                self._gate.on_failure(bucket)
-                if attempt >= self._retry.max_attempts:
-                    raise
-                delay = self._retry.delay(attempt, exc)
-                limit = deadline.at()
-                if limit is not None and self._clock.monotonic() + delay >= limit:
-                    raise
-                if not self._gate.allow_retry(bucket):
-                    self._metrics.upstream_retries_denied.labels(ACTION).inc()
-                    raise
-                self._metrics.upstream_retries.labels(ACTION, exc.outcome).inc()
-                await self._clock.sleep(delay)
-                attempt += 1
-            else:
-                self._gate.on_success(bucket)
-                return page
+                span.set("imageshare.upstream.outcome", exc.outcome)
+                raise
 
     @contextlib.asynccontextmanager
     async def _slot(self, deadline: ReadDeadline) -> AsyncIterator[None]:
@@ -179,10 +229,11 @@ class EcsClient:
             self._slots.release()
 
     async def _attempt(
-        self, region_id: str, params: Mapping[str, str], deadline: ReadDeadline
+        self, region_id: str, params: Mapping[str, str], deadline: ReadDeadline, span: Span
     ) -> dict[str, Any]:
         if self._limiter is not None:
-            await self._limiter.acquire(region_id, deadline)
+            with self._tracer.span(RATE_LIMIT_SPAN):
+                await self._limiter.acquire(region_id, deadline)
         async with self._slot(deadline):
             timeout = self._read_timeout
             cut_by_deadline = False
@@ -193,36 +244,27 @@ class EcsClient:
                     raise DeadlineExceededError("caller deadline reached before the upstream call")
                 cut_by_deadline = left < timeout
                 timeout = min(timeout, left)
-            return await self._send(region_id, params, timeout, cut_by_deadline)
+            return await self._send(
+                region_id, params, timeout, cut_by_deadline, deadline=deadline, span=span
+            )
 
     async def _send(
-        self, region_id: str, params: Mapping[str, str], seconds: float, cut_by_deadline: bool
+        self,
+        region_id: str,
+        params: Mapping[str, str],
+        seconds: float,
+        cut_by_deadline: bool,
+        *,
+        deadline: ReadDeadline,
+        span: Span,
     ) -> dict[str, Any]:
         endpoint = self._endpoints.resolve(region_id)
         credentials = await self._credentials.get()
-        if self._signature_version == "v3":
-            headers = sign_v3(
-                method="POST",
-                host=endpoint.host,
-                action=ACTION,
-                version=API_VERSION,
-                query=params,
-                credentials=credentials,
-            )
-            query = canonical_query(params.items())
-        else:
-            signed = sign_v1(
-                method="POST",
-                action=ACTION,
-                version=API_VERSION,
-                params=params,
-                credentials=credentials,
-            )
-            headers = {"host": endpoint.host}
-            query = canonical_query(signed.items())
-        url = f"{endpoint.base_url}/?{query}"
+        url, headers = self._signed(endpoint, params, credentials)
         region = region_label(region_id)
         outcome = "OK"
+        status = 0
+        request_id = ""
         started = time.perf_counter()
         self._metrics.upstream_in_flight.inc()
         try:
@@ -230,17 +272,14 @@ class EcsClient:
             # so a body trickling in byte by byte would otherwise never time out.
             async with asyncio.timeout(seconds):
                 status, response_headers, body = await self._exchange(url, headers, seconds=seconds)
-            return _decode(status, response_headers, body)
+            answer = _decode(status, response_headers, body)
+            request_id = bounded_request_id(str(answer.get("RequestId") or ""))
+            return answer
         except UpstreamError as exc:
             outcome = exc.outcome
-            if isinstance(exc, UpstreamApiError) and exc.is_credentials:
-                self._metrics.credentials_rejected.labels(exc.outcome).inc()
-                log.error(
-                    "upstream rejected the service's own credentials: %s (RequestId %s)",
-                    exc,
-                    exc.request_id,
-                    extra={"upstream_code": exc.code, "access_key_id": credentials.access_key_id},
-                )
+            if isinstance(exc, UpstreamApiError):
+                request_id = exc.request_id
+                self._count_identity_failure(exc, credentials.access_key_id)
             raise
         except (TimeoutError, httpx.TimeoutException):
             outcome = "timeout"
@@ -263,9 +302,58 @@ class EcsClient:
         finally:
             self._metrics.upstream_in_flight.dec()
             self._metrics.upstream_duration.labels(ACTION, region).observe(
-                time.perf_counter() - started
+                time.perf_counter() - started, exemplar()
             )
             self._metrics.upstream_requests.labels(ACTION, region, outcome).inc()
+            if request_id:
+                deadline.upstream_answer(request_id)
+            if span.recording:
+                _describe_answer(span, endpoint.host, outcome, status, request_id)
+
+    def _signed(
+        self, endpoint: Endpoint, params: Mapping[str, str], credentials: Credentials
+    ) -> tuple[str, dict[str, str]]:
+        """The URL and headers of one signed POST (a fresh nonce and timestamp each time)."""
+        if self._signature_version == "v3":
+            headers = sign_v3(
+                method="POST",
+                host=endpoint.host,
+                action=ACTION,
+                version=API_VERSION,
+                query=params,
+                credentials=credentials,
+            )
+            query = canonical_query(params.items())
+        else:
+            signed = sign_v1(
+                method="POST",
+                action=ACTION,
+                version=API_VERSION,
+                params=params,
+                credentials=credentials,
+            )
+            headers = {"host": endpoint.host}
+            query = canonical_query(signed.items())
+        return f"{endpoint.base_url}/?{query}", headers
+
+    def _count_identity_failure(self, exc: UpstreamApiError, access_key_id: str) -> None:
+        """Count and log loudly an answer that says the service's own identity is refused."""
+        if exc.is_credentials:
+            self._metrics.credentials_rejected.labels(exc.outcome).inc()
+            log.error(
+                "upstream rejected the service's own credentials: %s (RequestId %s)",
+                exc,
+                exc.request_id,
+                extra={"upstream_code": exc.code, "access_key_id": access_key_id},
+            )
+        elif exc.is_permission_denied:
+            self._metrics.permission_denied.labels(exc.outcome).inc()
+            log.error(
+                "upstream denied the service's own identity permission: %s (RequestId %s)",
+                exc,
+                exc.request_id,
+                extra={"upstream_code": exc.code, "access_key_id": access_key_id},
+            )
 
     async def _exchange(
         self, url: str, headers: Mapping[str, str], *, seconds: float
@@ -288,6 +376,16 @@ class EcsClient:
                     )
                 chunks.append(chunk)
             return response.status_code, response.headers, b"".join(chunks)
+
+
+def _describe_answer(span: Span, host: str, outcome: str, status: int, request_id: str) -> None:
+    """What an attempt's span says about the answer; never the URL, headers or body."""
+    span.set("server.address", host)
+    span.set("imageshare.upstream.outcome", outcome)
+    if status:
+        span.set("http.response.status_code", status)
+    if request_id:
+        span.set("imageshare.upstream.request_id", request_id)
 
 
 def _decode(status: int, headers: httpx.Headers, raw: bytes) -> dict[str, Any]:

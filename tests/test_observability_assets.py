@@ -164,6 +164,10 @@ def test_dashboard_queries_only_exported_series() -> None:
         "imageshare_cache_entries",
         "imageshare_cache_bytes",
         "imageshare_upstream_credentials_rejected_total",
+        "imageshare_watchers",
+        "imageshare_watched_images",
+        "imageshare_watch_polls_total",
+        "imageshare_share_changes_total",
     } <= used
 
 
@@ -202,6 +206,7 @@ def test_every_alert_is_actionable() -> None:
         "ImageShareUpstreamThrottled",
         "ImageShareUpstreamCredentialsRejected",
         "ImageShareCacheHitRatioLow",
+        "ImageShareImageBecamePublic",
     }
     for rule in rules.values():
         assert rule["annotations"]["summary"]
@@ -217,6 +222,23 @@ def test_every_alert_is_actionable() -> None:
     )
     error_codes = "Unknown|Internal|Unavailable|DataLoss|DeadlineExceeded"
     assert error_codes in rules["ImageShareHighErrorRatio"]["expr"]
+    public = rules["ImageShareImageBecamePublic"]
+    assert 'imageshare_share_changes_total{' in public["expr"]
+    assert 'change="became_public"' in public["expr"]
+    assert public["labels"]["severity"] == "critical"
+    # A watch lasts as long as its caller and ends UNAVAILABLE on every drain: the RPC
+    # alerts leave watches out.
+    for name in ("ImageShareHighErrorRatio", "ImageShareHighLatencyP99"):
+        assert 'grpc_method!="WatchImageShares"' in rules[name]["expr"]
+
+
+def test_the_watch_change_counters_exist_at_zero_before_the_first_change() -> None:
+    """increase() misses a counter whose series appears already at 1: the alert on the first
+    image to turn public would never fire."""
+    registry = CollectorRegistry()
+    ServiceMetrics(registry)
+    for change in ("became_public", "account_added", "group_removed"):
+        assert registry.get_sample_value("imageshare_share_changes_total", {"change": change}) == 0
 
 
 def test_thresholds_and_labels_come_from_values() -> None:

@@ -10,8 +10,10 @@ emulator's counters.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -26,6 +28,7 @@ from imageshare_server.watch.hub import WatchHub, next_poll, phase
 from tests.support.clock import SteppedClock
 from tests.support.images import REGION, new_image
 from tests.support.inprocess import InProcessApp, running
+from tests.support.redis_server import RedisServer
 from tests.support.rpc import Details, details
 from tests.support.waiting import until
 
@@ -501,6 +504,42 @@ async def test_drain_ends_watches_with_unavailable_at_once_while_listings_finish
         assert not listing.done()  # the listing is still being served
         assert (await listing)[0].total_count == 2
         await drain
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()
+
+
+@pytest.mark.redis
+async def test_replicas_sharing_redis_make_one_upstream_read_per_interval(
+    ecs: Emulator, clock: SteppedClock, redis_server: RedisServer
+) -> None:
+    image_id, _ = new_image(ecs.knobs, 2)
+    async with contextlib.AsyncExitStack() as stack:
+        replicas = [
+            await stack.enter_async_context(
+                running(ecs, "--redis-url", redis_server.url, clock=clock)
+            )
+            for _ in range(3)
+        ]
+        calls = [watch(replica, image_id) for replica in replicas for _ in range(2)]
+        for call in calls:
+            assert (await next_message(call)).snapshot
+        first_reads = replicas[0].upstream_calls(image_id)
+        for n in range(1, 4):
+            ecs.knobs.modify_share(REGION, image_id, add_accounts=[f"840000000000000{n}"])
+            await until(lambda: clock.sleepers >= len(replicas))
+            clock.advance(INTERVAL)
+            for call in calls:
+                change = await next_message(call)
+                assert [a.aliyun_id for a in change.accounts] == [f"840000000000000{n}"]
+            # Three replicas, six watchers: one upstream read for the interval.
+            assert replicas[0].upstream_calls(image_id) == first_reads + n
+        for call in calls:
+            call.cancel()
 
 
 # --- the hub, without gRPC ------------------------------------------------------------------

@@ -168,8 +168,10 @@ class Poller:
         while True:
             at = next_poll(hub.clock.time(), hub.interval, offset)
             await hub.clock.sleep(at - hub.clock.time())
+            # From when the poll actually runs (a moment after ``at``), never before it.
+            newer_than = max(at, hub.clock.time()) - skew
             try:
-                shares = await hub.source.poll(self.key, newer_than=at - skew, caller=WATCH_CALLER)
+                shares = await hub.source.poll(self.key, newer_than=newer_than, caller=WATCH_CALLER)
             except ImageShareError as exc:
                 if ends_watch(exc):
                     hub.metrics.watch_polls.labels("ended").inc()

@@ -4,7 +4,8 @@ Streams are kept in flight by the emulator's latency knob: 500 accounts read
 10 per upstream page, one page at a time, at 100 ms a page take five seconds,
 so SIGTERM always lands mid-listing. Progress is observed (upstream calls
 counted by the emulator, ``draining`` logged, health watch updated), never
-slept for.
+slept for. Watches (WatchImageShares) end at once with UNAVAILABLE while the
+listings drain.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import signal
 import time
 from collections.abc import Callable
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -21,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from imageshare.v1 import image_share_pb2, image_share_pb2_grpc
 from imageshare_emulator import EmulatorAdmin
 from tests.support.processes import ServerProcess
+from tests.support.rpc import details
 
 StartServer = Callable[..., ServerProcess]
 REGION = "cn-hangzhou"
@@ -50,16 +53,21 @@ def slow_image(emulator: EmulatorAdmin) -> EmulatorAdmin:
     return emulator
 
 
-def _listing(channel: grpc.aio.Channel) -> grpc.aio.UnaryStreamCall[object, object]:
+def _listing(channel: grpc.aio.Channel) -> grpc.aio.UnaryStreamCall[Any, Any]:
     stub = image_share_pb2_grpc.ImageShareServiceStub(channel)
     request = image_share_pb2.ListImageSharesRequest(
         region_id=REGION, image_id=SLOW, page_size=10, bypass_cache=True
     )
-    call: grpc.aio.UnaryStreamCall[object, object] = stub.ListImageShares(request, timeout=60)
+    call: grpc.aio.UnaryStreamCall[Any, Any] = stub.ListImageShares(request, timeout=60)
     return call
 
 
-async def _drain(call: grpc.aio.UnaryStreamCall[object, object]) -> list[str]:
+def _health(channel: grpc.aio.Channel) -> Any:
+    """The health stub (grpcio-health-checking's stubs declare none of its methods)."""
+    return cast(Any, health_pb2_grpc.HealthStub(channel))
+
+
+async def _drain(call: grpc.aio.UnaryStreamCall[Any, Any]) -> list[str]:
     ids: list[str] = []
     while (message := await call.read()) is not grpc.aio.EOF:
         assert isinstance(message, image_share_pb2.ListImageSharesResponse)
@@ -89,9 +97,7 @@ async def _refused_once_draining(target: str) -> grpc.StatusCode:
     for _ in range(200):
         async with grpc.aio.insecure_channel(target) as channel:
             try:
-                response = await health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(), timeout=2
-                )
+                response = await _health(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
             except grpc.aio.AioRpcError as exc:
                 return exc.code()
             assert response.status == NOT_SERVING
@@ -112,15 +118,36 @@ async def test_sigterm_drains_in_flight_streams_and_exits_zero(
 ) -> None:
     server = start_server(*SLOW_SERVER_ARGS, "--grace-period", "30")
     async with grpc.aio.insecure_channel(server.target) as channel:
-        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+        watch = _health(channel).Watch(health_pb2.HealthCheckRequest())
         assert (await watch.read()).status == SERVING
+        stub = image_share_pb2_grpc.ImageShareServiceStub(channel)
+        watches = [
+            stub.WatchImageShares(
+                image_share_pb2.WatchImageSharesRequest(region_id=REGION, image_id="m-demo0000002")
+            )
+            for _ in range(2)
+        ]
+        for share_watch in watches:
+            snapshot = await asyncio.wait_for(share_watch.read(), 15)
+            assert isinstance(snapshot, image_share_pb2.WatchImageSharesResponse)
+            assert snapshot.snapshot
+            assert snapshot.share_groups[0].group == "all"
         streams = [_listing(channel) for _ in range(3)]
-        await _upstream_reached(slow_image, 3)
+        await _upstream_reached(slow_image, 1 + 3)  # the watches' one read, then the listings'
 
         server.signal(signal.SIGTERM)
         # Load balancers watching health see NOT_SERVING before anything else changes.
         assert (await asyncio.wait_for(watch.read(), 5)).status == NOT_SERVING
         watch.cancel()
+        # Watches end at once, UNAVAILABLE, so their callers reconnect to another replica...
+        for share_watch in watches:
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await asyncio.wait_for(share_watch.read(), 2)
+            error = details(ended.value)
+            assert error.code is grpc.StatusCode.UNAVAILABLE
+            assert error.error_info is not None
+            assert error.error_info.reason == "SHUTTING_DOWN"
+        assert not any(s.done() for s in streams)  # ...while the listings are still streaming
         await asyncio.to_thread(server.wait_for, "draining", 5)
         # New calls are refused once draining, on a new connection...
         assert await _refused_once_draining(server.target) is grpc.StatusCode.UNAVAILABLE
@@ -143,7 +170,7 @@ async def test_health_watchers_do_not_hold_the_drain_open(
     shutdown last the whole grace period."""
     server = start_server("--grace-period", "30")
     async with grpc.aio.insecure_channel(server.target) as channel:
-        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+        watch = _health(channel).Watch(health_pb2.HealthCheckRequest())
         assert (await watch.read()).status == SERVING
         server.signal(signal.SIGTERM)
         assert (await asyncio.wait_for(watch.read(), 5)).status == NOT_SERVING

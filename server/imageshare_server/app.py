@@ -135,6 +135,9 @@ def _check_free(listen: str) -> None:
         raise StartupError(f"cannot listen on {listen}: {exc.strerror}") from None
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as probe:
+        # As grpc binds: connections of a server that just stopped on this port (TIME_WAIT)
+        # do not make it busy; a socket listening on it still does.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(address)
         except OSError as exc:

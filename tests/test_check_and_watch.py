@@ -20,6 +20,7 @@ import pytest
 
 from imageshare.v1 import image_share_pb2 as pb
 from imageshare.v1 import image_share_pb2_grpc
+from imageshare_client import AsyncImageShareClient, RetryPolicy
 from imageshare_emulator import Emulator
 from imageshare_server import app as app_module
 from imageshare_server.core.types import Account, ShareKey, ShareList
@@ -28,7 +29,7 @@ from imageshare_server.watch.hub import WatchHub, next_poll, phase
 from tests.support.clock import SteppedClock
 from tests.support.images import REGION, new_image
 from tests.support.inprocess import InProcessApp, running
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import RedisServer, free_port
 from tests.support.rpc import Details, details
 from tests.support.waiting import until
 
@@ -540,6 +541,46 @@ async def test_replicas_sharing_redis_make_one_upstream_read_per_interval(
             assert replicas[0].upstream_calls(image_id) == first_reads + n
         for call in calls:
             call.cancel()
+
+
+# --- the Python client against the real server --------------------------------------------
+
+
+async def test_the_python_client_resumes_after_a_server_restart_with_what_it_missed(
+    ecs: Emulator, clock: SteppedClock
+) -> None:
+    image_id, ids = new_image(ecs.knobs, 3)
+    port = free_port()
+    listen = ("--listen", f"127.0.0.1:{port}")
+    fast = [("grpc.initial_reconnect_backoff_ms", 50), ("grpc.max_reconnect_backoff_ms", 200)]
+    async with AsyncImageShareClient(f"127.0.0.1:{port}", options=fast) as client:
+        watch = client.watch(
+            REGION,
+            image_id,
+            reconnect=RetryPolicy(max_attempts=200, initial_backoff=0.02, max_backoff=0.2),
+        )
+        events = aiter(watch)
+        async with running(ecs, *listen, clock=clock) as first:
+            snapshot = await asyncio.wait_for(anext(events), 5)
+            ecs.knobs.modify_share(REGION, image_id, add_accounts=["8500000000000001"])
+            await interval_passes(first, clock)
+            change = await asyncio.wait_for(anext(events), 5)
+        # The server is gone (it drained: the watch ended UNAVAILABLE); the list changes.
+        ecs.knobs.modify_share(
+            REGION, image_id, remove_accounts=[ids[0]], add_accounts=["8500000000000002"]
+        )
+        ecs.knobs.modify_share(REGION, image_id, add_groups=["all"])
+        async with running(ecs, *listen, clock=SteppedClock()):
+            resumed = await asyncio.wait_for(anext(events), 10)
+            await events.aclose()  # type: ignore[attr-defined]
+    assert snapshot.snapshot
+    assert [a.aliyun_id for a in change.added] == ["8500000000000001"]
+    assert resumed.resumed
+    assert [a.aliyun_id for a in resumed.added] == ["8500000000000002"]
+    assert resumed.removed == (ids[0],)
+    assert resumed.became_public
+    assert watch.reconnects >= 1
+    assert sorted(watch.accounts) == sorted([*ids[1:], "8500000000000001", "8500000000000002"])
 
 
 # --- the hub, without gRPC ------------------------------------------------------------------

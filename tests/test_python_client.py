@@ -1,9 +1,13 @@
 """The Python client: retry/deadline/cancellation logic against a scripted gRPC server over real
-sockets, then end to end against a live server and emulator (fixtures in conftest.py)."""
+sockets, then end to end against a live server and emulator (fixtures in conftest.py).
+
+Checks and watches (issue 16) against the scripted server too; their end-to-end tests,
+the resume across a server restart included, are in test_check_and_watch.py."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 import time
@@ -20,14 +24,18 @@ from grpc_status import rpc_status
 from imageshare.v1 import image_share_pb2 as pb
 from imageshare.v1 import image_share_pb2_grpc as pb_grpc
 from imageshare_client import (
+    DEFAULT_SERVICE_CONFIG,
     NO_RETRY,
     AsyncImageShareClient,
     CacheStatus,
     ImageShareClient,
     ImageShareError,
     RetryPolicy,
+    ShareChange,
+    ShareVia,
     StreamInterruptedError,
 )
+from imageshare_client._watching import WatchState, reconnect_delay
 from imageshare_emulator import EmulatorAdmin
 from tests.support.processes import ServerProcess
 
@@ -47,6 +55,18 @@ class Script:
     calls: int = 0
     cancelled: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # CheckImageShare: fail the first N with UNAVAILABLE, then answer this.
+    check_fail_first: int = 0
+    check_answer: pb.CheckImageShareResponse = field(default_factory=pb.CheckImageShareResponse)
+    checks: list[pb.CheckImageShareRequest] = field(default_factory=list)
+    # WatchImageShares: one list of messages per stream; each stream then ends UNAVAILABLE,
+    # the last one hangs until cancelled (or ends with ``watch_end`` when set).
+    watch_streams: list[list[pb.WatchImageSharesResponse]] = field(default_factory=list)
+    watch_end: Callable[[grpc.ServicerContext], None] | None = None
+    watches: int = 0
+    # Sent on the last stream once ``release`` is set.
+    after_release: list[pb.WatchImageSharesResponse] = field(default_factory=list)
+    release: threading.Event = field(default_factory=threading.Event)
 
 
 def message(ids: list[str], total: int, groups: tuple[str, ...] = ()) -> pb.ListImageSharesResponse:
@@ -78,6 +98,60 @@ class ScriptedService(pb_grpc.ImageShareServiceServicer):
         yield from script.messages
         if script.then is not None:
             script.then(context)
+
+    def CheckImageShare(
+        self, request: pb.CheckImageShareRequest, context: grpc.ServicerContext
+    ) -> pb.CheckImageShareResponse:
+        script = self.script
+        with script.lock:
+            script.checks.append(request)
+            call = len(script.checks)
+        if call <= script.check_fail_first:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"scripted failure {call}")
+        return script.check_answer
+
+    def WatchImageShares(
+        self, request: pb.WatchImageSharesRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.WatchImageSharesResponse]:
+        script = self.script
+        context.add_callback(lambda: None if context.is_active() else script.cancelled.set())
+        with script.lock:
+            stream = script.watches
+            script.watches += 1
+        messages = script.watch_streams[stream] if stream < len(script.watch_streams) else []
+        yield from messages
+        if stream < len(script.watch_streams) - 1:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "scripted drain")
+        if script.after_release and script.release.wait(10):
+            yield from script.after_release
+        if script.watch_end is not None:
+            script.watch_end(context)
+        hang_until_cancelled(context)
+
+
+def watch_message(
+    ids: list[str],
+    *,
+    snapshot: bool = False,
+    removed: tuple[str, ...] = (),
+    groups: tuple[str, ...] = (),
+    groups_removed: tuple[str, ...] = (),
+    total: int = 0,
+) -> pb.WatchImageSharesResponse:
+    return pb.WatchImageSharesResponse(
+        snapshot=snapshot,
+        accounts=[pb.SharedAccount(aliyun_id=i) for i in ids],
+        removed_aliyun_ids=removed,
+        share_groups=[pb.ShareGroup(group=g) for g in groups],
+        removed_share_groups=groups_removed,
+        total_count=total,
+        region_id="cn-hangzhou",
+        image_id="m-test",
+    )
+
+
+def abort_not_found(context: grpc.ServicerContext) -> None:
+    context.abort(grpc.StatusCode.NOT_FOUND, "the image was deleted")
 
 
 def hang_until_cancelled(context: grpc.ServicerContext) -> None:
@@ -216,9 +290,12 @@ def test_started_stream_is_never_retried(script: Script, target: str) -> None:
     script.messages = [message(["1", "2"], 5)]
     script.then = abort_unavailable
     received: list[str] = []
+
+    def read_all(client: ImageShareClient) -> None:
+        received.extend(a.aliyun_id for a in client.list_shares("cn-hangzhou", "m-test"))
+
     with no_channel_retry(target) as client, pytest.raises(StreamInterruptedError) as caught:
-        for account in client.list_shares("cn-hangzhou", "m-test"):
-            received.append(account.aliyun_id)
+        read_all(client)
     assert received == ["1", "2"]
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE
     assert caught.value.accounts_received == 2
@@ -308,24 +385,177 @@ def test_breaking_out_of_the_loop_cancels(script: Script, target: str) -> None:
         assert script.cancelled.wait(5)
 
 
-def test_is_shared_with_stops_reading_once_it_knows(script: Script, target: str) -> None:
-    script.messages = [message(["1"], 3), message(["2"], 3)]
+def test_check_retries_unavailable_and_decodes_the_answer(script: Script, target: str) -> None:
+    script.check_fail_first = 1
+    script.check_answer = pb.CheckImageShareResponse(
+        shared=True,
+        via=pb.SHARE_VIA_ACCOUNT,
+        total_count=7,
+        cache_status=pb.CACHE_STATUS_HIT,
+        upstream_request_ids=["R-1"],
+    )
+    script.check_answer.shared_time.FromJsonString("2025-01-02T03:04:05Z")
+    with no_channel_retry(target) as client:
+        answer = client.check("cn-hangzhou", "m-test", "1234", owner_account="ram@x")
+    assert answer
+    assert answer.via is ShareVia.ACCOUNT
+    assert answer.shared_time is not None
+    assert answer.shared_time.isoformat() == "2025-01-02T03:04:05+00:00"
+    assert (answer.total_count, answer.cache_status) == (7, CacheStatus.HIT)
+    assert answer.upstream_request_ids == ("R-1",)
+    assert [(c.aliyun_id, c.owner_account) for c in script.checks] == [("1234", "ram@x")] * 2
+
+
+def test_is_shared_with_is_one_check_call(script: Script, target: str) -> None:
+    script.check_answer = pb.CheckImageShareResponse(shared=True, via=pb.SHARE_VIA_PUBLIC)
+    script.messages = [message(["1"], 1)]
+    with no_channel_retry(target) as client:
+        assert client.is_shared_with("cn-hangzhou", "m-test", "42")
+        script.check_answer = pb.CheckImageShareResponse(shared=False)
+        assert not client.is_shared_with("cn-hangzhou", "m-test", "43")
+    assert [c.aliyun_id for c in script.checks] == ["42", "43"]
+    assert script.calls == 0  # the list was never streamed
+
+
+def test_check_errors_are_not_retried(script: Script, target: str) -> None:
+    script.check_fail_first = 100
+    with no_channel_retry(target) as client, pytest.raises(ImageShareError) as caught:
+        client.check("cn-hangzhou", "m-test", "1")
+    assert caught.value.attempts == FAST_RETRY.max_attempts  # UNAVAILABLE, bounded
+
+
+async def test_async_check(script: Script, target: str) -> None:
+    script.check_fail_first = 1
+    script.check_answer = pb.CheckImageShareResponse(shared=True, via=pb.SHARE_VIA_PUBLIC)
+    async with AsyncImageShareClient(target, retry=FAST_RETRY, service_config=None) as client:
+        answer = await client.check("cn-hangzhou", "m-test", "5")
+        assert answer.via is ShareVia.PUBLIC
+        assert await client.is_shared_with("cn-hangzhou", "m-test", "5")
+    assert len(script.checks) == 3
+
+
+# --- watches: state, reconnection ------------------------------------------------------------
+
+
+def test_watch_state_applies_changes_and_reports_what_a_reconnect_missed() -> None:
+    state = WatchState("cn-hangzhou", "m-test")
+    first = state.apply(watch_message(["1", "2"], snapshot=True, total=2))
+    assert first is not None
+    assert first.snapshot
+    assert [a.aliyun_id for a in first.added] == ["1", "2"]
+    change = state.apply(watch_message(["3"], removed=("1",), groups=("all",), total=2))
+    assert change is not None
+    assert not change.snapshot
+    assert (change.removed, change.groups_added, change.became_public) == (("1",), ("all",), True)
+    assert sorted(state.accounts) == ["2", "3"]
+    assert state.is_public
+    # The stream ended; the new snapshot differs from what the watch held.
+    resumed = state.apply(watch_message(["2", "4"], snapshot=True, total=2))
+    assert resumed is not None
+    assert resumed.resumed
+    assert not resumed.snapshot
+    assert [a.aliyun_id for a in resumed.added] == ["4"]
+    assert resumed.removed == ("3",)
+    assert resumed.groups_removed == ("all",)
+    assert resumed.became_private
+    # A snapshot after a reconnect that changes nothing reports nothing.
+    assert state.apply(watch_message(["2", "4"], snapshot=True, total=2)) is None
+
+
+def test_watch_reconnects_on_unavailable_and_resource_exhausted_only() -> None:
+    policy = RetryPolicy(max_attempts=3, initial_backoff=0.1, max_backoff=0.4)
+    unavailable = ImageShareError(grpc.StatusCode.UNAVAILABLE, "drain")
+    busy = ImageShareError(grpc.StatusCode.RESOURCE_EXHAUSTED, "limit", retry_after=5.0)
+    gone = ImageShareError(grpc.StatusCode.NOT_FOUND, "deleted")
+    delay = reconnect_delay(unavailable, 1, policy)
+    assert delay is not None
+    assert 0 <= delay <= 0.1
+    assert reconnect_delay(busy, 1, policy) == 5.0
+    assert reconnect_delay(gone, 1, policy) is None
+    assert reconnect_delay(unavailable, 3, policy) is None  # bounded by max_attempts
+
+
+def test_watch_resumes_after_the_stream_ends_and_reports_the_missed_change(
+    script: Script, target: str
+) -> None:
+    script.watch_streams = [
+        [watch_message(["1", "2"], snapshot=True, total=2), watch_message(["3"], total=3)],
+        [watch_message(["1", "3", "4"], snapshot=True, total=3)],
+    ]
+    retried: list[str] = []
+    with (
+        ImageShareClient(
+            target, service_config=None, on_retry=lambda _n, e, _d: retried.append(e.code_name)
+        ) as client,
+        client.watch(
+            "cn-hangzhou", "m-test", reconnect=RetryPolicy(max_attempts=5, initial_backoff=0.01)
+        ) as watch,
+    ):
+        events = iter(watch)
+        snapshot, change, resumed = next(events), next(events), next(events)
+    assert snapshot.snapshot
+    assert [a.aliyun_id for a in change.added] == ["3"]
+    assert resumed.resumed
+    assert [a.aliyun_id for a in resumed.added] == ["4"]
+    assert resumed.removed == ("2",)
+    assert sorted(watch.accounts) == ["1", "3", "4"]
+    assert watch.reconnects == 1
+    assert retried == ["UNAVAILABLE"]
+    assert script.cancelled.wait(5)  # leaving the block let go of the stream
+
+
+def test_a_watch_has_no_default_deadline_unlike_the_other_calls(
+    script: Script, target: str
+) -> None:
+    """The service config's deadline is for lists and checks: a watch outlives it."""
+    config = json.loads(json.dumps(DEFAULT_SERVICE_CONFIG))
+    config["methodConfig"][0]["timeout"] = "0.2s"
+    script.watch_streams = [[watch_message(["1"], snapshot=True, total=1)]]
+    script.after_release = [watch_message(["2"], total=2)]
     script.then = hang_until_cancelled
-    with no_channel_retry(target) as client:
-        assert client.is_shared_with("cn-hangzhou", "m-test", "2")
-    assert script.cancelled.wait(5)
+    with ImageShareClient(target, service_config=config, timeout=None) as client:
+        events = iter(client.watch("cn-hangzhou", "m-test"))
+        assert next(events).snapshot
+        with pytest.raises(ImageShareError) as listing:
+            client.list_shares("cn-hangzhou", "m-test").start()
+        assert listing.value.code == grpc.StatusCode.DEADLINE_EXCEEDED  # 0.2 s have passed
+        script.release.set()
+        later = next(events)  # the watch is still open
+        assert [a.aliyun_id for a in later.added] == ["2"]
 
 
-def test_is_shared_with_public_image(script: Script, target: str) -> None:
-    script.messages = [message([], 0, ("all",))]
-    with no_channel_retry(target) as client:
-        assert client.is_shared_with("cn-hangzhou", "m-test", "anyone")
+def test_watch_ends_with_not_found(script: Script, target: str) -> None:
+    script.watch_streams = [[watch_message(["1"], snapshot=True, total=1)]]
+    script.watch_end = abort_not_found
+    with ImageShareClient(target, service_config=None) as client:
+        watch = client.watch("cn-hangzhou", "m-test")
+        seen: list[ShareChange] = []
+        with pytest.raises(ImageShareError) as caught:
+            seen.extend(watch)
+    assert caught.value.code == grpc.StatusCode.NOT_FOUND
+    assert [c.snapshot for c in seen] == [True]
+    assert script.watches == 1
 
 
-def test_is_shared_with_false_when_absent(script: Script, target: str) -> None:
-    script.messages = [message(["1"], 2), message(["2"], 2)]
-    with no_channel_retry(target) as client:
-        assert not client.is_shared_with("cn-hangzhou", "m-test", "3")
+async def test_async_watch_resumes_too(script: Script, target: str) -> None:
+    script.watch_streams = [
+        [watch_message(["1"], snapshot=True, total=1)],
+        [watch_message(["1"], snapshot=True, groups=("all",), total=1)],
+    ]
+    async with (
+        AsyncImageShareClient(target, service_config=None) as client,
+        client.watch(
+            "cn-hangzhou", "m-test", reconnect=RetryPolicy(max_attempts=5, initial_backoff=0.01)
+        ) as watch,
+    ):
+        events = aiter(watch)
+        first = await anext(events)
+        second = await anext(events)
+        await events.aclose()  # type: ignore[attr-defined]
+    assert first.snapshot
+    assert second.resumed
+    assert second.became_public
+    assert await asyncio.to_thread(script.cancelled.wait, 5)
 
 
 async def test_async_retry_then_stream(script: Script, target: str) -> None:

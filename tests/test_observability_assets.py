@@ -223,7 +223,7 @@ def test_every_alert_is_actionable() -> None:
     error_codes = "Unknown|Internal|Unavailable|DataLoss|DeadlineExceeded"
     assert error_codes in rules["ImageShareHighErrorRatio"]["expr"]
     public = rules["ImageShareImageBecamePublic"]
-    assert 'imageshare_share_changes_total{' in public["expr"]
+    assert "imageshare_share_changes_total{" in public["expr"]
     assert 'change="became_public"' in public["expr"]
     assert public["labels"]["severity"] == "critical"
     # A watch lasts as long as its caller and ends UNAVAILABLE on every drain: the RPC

@@ -26,6 +26,7 @@ from imageshare_server import app as app_module
 from imageshare_server.core.types import Account, ShareKey, ShareList
 from imageshare_server.listing.source import ShareChunk
 from imageshare_server.watch.hub import WatchHub, next_poll, phase
+from tests.support.attacks import WATCH_PATH, ZeroWindowAttacker, grpc_frame
 from tests.support.clock import SteppedClock
 from tests.support.images import REGION, new_image
 from tests.support.inprocess import InProcessApp, running
@@ -473,6 +474,33 @@ async def test_watches_beyond_max_watchers_are_refused_and_do_not_count_as_calls
         assert (await next_message(another)).snapshot
         for call in (calls[1], another):
             call.cancel()
+
+
+async def test_watchers_that_read_nothing_are_ended_and_let_go(
+    ecs: Emulator, clock: SteppedClock
+) -> None:
+    """Zero-window streams never take a message: each ends after the stall timeout, and
+    with the last of them the image's poller."""
+    image_id, _ = new_image(ecs.knobs, 2)
+    body = grpc_frame(WatchRequest(region_id=REGION, image_id=image_id).SerializeToString())
+    async with running(ecs, "--stream-stall-timeout", "0.5", clock=clock) as app:
+        attacker = await asyncio.to_thread(
+            ZeroWindowAttacker, "127.0.0.1", app.runtime.grpc_port, 5, body=body, path=WATCH_PATH
+        )
+        try:
+            await until(lambda: app.metric("imageshare_watchers") == 5)
+            took = await until(lambda: app.metric("imageshare_watchers") == 0, within=5)
+            assert took < 2.5
+            assert app.metric("imageshare_watched_images") == 0
+        finally:
+            await asyncio.to_thread(attacker.close)
+        stalled = [
+            line
+            for line in app.logs.rpc_lines()
+            if line["method"].endswith("/WatchImageShares") and line["code"] == "Unavailable"
+        ]
+        assert len(stalled) == 5
+        assert all("read nothing" in str(line.get("error")) for line in stalled)
 
 
 async def test_a_watch_of_an_invalid_image_is_invalid_argument(watched: InProcessApp) -> None:

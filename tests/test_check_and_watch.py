@@ -432,6 +432,19 @@ async def test_a_deleted_image_ends_its_watches_with_not_found(
     assert watched.metric("imageshare_watched_images") == 0
 
 
+async def test_an_image_the_service_may_no_longer_read_ends_its_watch(
+    ecs: Emulator, watched: InProcessApp, clock: SteppedClock
+) -> None:
+    image_id, _ = new_image(ecs.knobs, 2)
+    call = watch(watched, image_id)
+    await next_message(call)
+    ecs.knobs.fault("error_code", count=1, status=403, code="Forbidden.RAM")
+    await interval_passes(watched, clock)
+    error = await ended(call)
+    assert error.code is grpc.StatusCode.PERMISSION_DENIED
+    assert reason(error) == "FORBIDDEN_RAM"
+
+
 async def test_a_failed_poll_sends_nothing_and_the_watch_goes_on(
     ecs: Emulator, clock: SteppedClock
 ) -> None:

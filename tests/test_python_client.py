@@ -417,7 +417,7 @@ def test_is_shared_with_is_one_check_call(script: Script, target: str) -> None:
     assert script.calls == 0  # the list was never streamed
 
 
-def test_check_errors_are_not_retried(script: Script, target: str) -> None:
+def test_check_retries_of_unavailable_are_bounded(script: Script, target: str) -> None:
     script.check_fail_first = 100
     with no_channel_retry(target) as client, pytest.raises(ImageShareError) as caught:
         client.check("cn-hangzhou", "m-test", "1")

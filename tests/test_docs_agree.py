@@ -35,6 +35,8 @@ SAMPLES: list[errors.ImageShareError] = [
     errors.ShareListTooLargeError(60_000, 600, 30.0, 30.0),
     errors.OverloadedError(1000),
     errors.StreamStalledError(30),
+    errors.TooManyWatchersError(10_000),
+    errors.ShuttingDownError(),
 ]
 
 

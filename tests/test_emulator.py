@@ -678,6 +678,48 @@ def test_change_after(emulator: Emulator, client: httpx.Client) -> None:
         emulator.knobs.delete_image("cn-hangzhou", "m-changing")
 
 
+def test_modify_share_adds_and_removes_accounts_and_groups(
+    emulator: Emulator, client: httpx.Client
+) -> None:
+    knobs = emulator.knobs
+    knobs.upsert_image(
+        {
+            "region_id": "cn-hangzhou",
+            "image_id": "m-modified",
+            "accounts": [
+                {"aliyun_id": "1", "shared_time": "2025-01-01T00:00:00Z"},
+                {"aliyun_id": "2"},
+            ],
+        }
+    )
+    try:
+        changed = knobs.modify_share(
+            "cn-hangzhou",
+            "m-modified",
+            add_accounts=["3", {"aliyun_id": "1", "shared_time": "2026-02-02T00:00:00Z"}],
+            remove_accounts=["2"],
+            add_groups=["all"],
+        )
+        assert changed is not None
+        body = v3(emulator, client, image("m-modified")).json()
+        shares = body["Accounts"]["Account"]
+        assert [a["AliyunId"] for a in shares] == ["1", "3"]
+        assert shares[0]["SharedTime"] == "2026-02-02T00:00:00Z"  # re-shared: the new time
+        assert shares[1]["SharedTime"]  # a new share is stamped with the current time
+        assert [g["Group"] for g in body["ShareGroups"]["ShareGroup"]] == ["all"]
+        with EmulatorAdmin(emulator.url) as admin:
+            after = admin.modify_share(
+                "cn-hangzhou", "m-modified", remove_accounts=["1"], remove_groups=["all"]
+            )
+            assert after is not None
+            assert [a["aliyun_id"] for a in after["accounts"]] == ["3"]
+            assert after["share_groups"] == []
+            assert admin.modify_share("cn-hangzhou", "m-nosuchimage", add_groups=["all"]) is None
+        assert v3(emulator, client, image("m-modified")).json()["TotalCount"] == 1
+    finally:
+        knobs.delete_image("cn-hangzhou", "m-modified")
+
+
 # --- Counters ----------------------------------------------------------------------------------
 
 

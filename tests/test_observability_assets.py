@@ -49,6 +49,7 @@ ALERTS = {
     "ImageShareUpstreamPermissionDenied",
     "ImageShareCacheHitRatioLow",
     "ImageShareRedisUnavailable",
+    "ImageShareImageBecamePublic",
 }
 
 # Labels Prometheus adds at scrape time (ServiceMonitor targets) or histograms carry.
@@ -186,6 +187,10 @@ def test_dashboard_queries_only_exported_series() -> None:
         "imageshare_redis_lease_waits_total",
         "imageshare_asyncio_tasks",
         "imageshare_build_info",
+        "imageshare_watchers",
+        "imageshare_watched_images",
+        "imageshare_watch_polls_total",
+        "imageshare_share_changes_total",
     } <= used
 
 
@@ -322,6 +327,23 @@ def test_every_alert_is_actionable() -> None:
     redis = rules["ImageShareRedisUnavailable"]
     assert redis["labels"]["severity"] == "warning"
     assert "imageshare_redis_up" in redis["expr"]
+    public = rules["ImageShareImageBecamePublic"]
+    assert "imageshare_share_changes_total{" in public["expr"]
+    assert 'change="became_public"' in public["expr"]
+    assert public["labels"]["severity"] == "critical"
+    # A watch lasts as long as its caller and ends UNAVAILABLE on every drain: the RPC
+    # alerts leave watches out.
+    for name in ("ImageShareHighErrorRatio", "ImageShareHighLatencyP99"):
+        assert 'grpc_method!="WatchImageShares"' in rules[name]["expr"]
+
+
+def test_the_watch_change_counters_exist_at_zero_before_the_first_change() -> None:
+    """increase() misses a counter whose series appears already at 1: the alert on the first
+    image to turn public would never fire."""
+    registry = CollectorRegistry()
+    ServiceMetrics(registry)
+    for change in ("became_public", "account_added", "group_removed"):
+        assert registry.get_sample_value("imageshare_share_changes_total", {"change": change}) == 0
 
 
 def test_thresholds_and_labels_come_from_values() -> None:

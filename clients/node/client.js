@@ -3,10 +3,11 @@
 //
 // The proto is loaded at run time from the repository's protos/ folder, so the client
 // can never drift from the contract. Defaults mirror the Python client: a 10 s deadline
-// per listing, keepalive for long-lived processes, and a gRPC service config whose
-// retryPolicy retries UNAVAILABLE. gRPC commits a streaming attempt once response
+// per listing or check, keepalive for long-lived processes, and a gRPC service config
+// whose retryPolicy retries UNAVAILABLE. gRPC commits a streaming attempt once response
 // headers arrive, so a stream that has started is never replayed: a failure after the
-// first message surfaces as an ImageShareError with `interrupted: true`.
+// first message surfaces as an ImageShareError with `interrupted: true`. A watch has no
+// deadline and reconnects by itself (see ShareWatch).
 
 const path = require('node:path');
 const grpc = require('@grpc/grpc-js');
@@ -19,25 +20,29 @@ const SERVICE = 'imageshare.v1.ImageShareService';
 const DEFAULT_TIMEOUT_MS = 10_000;
 const PUBLIC_GROUP = 'all';
 
+const RETRY_POLICY = {
+  maxAttempts: 3,
+  initialBackoff: '0.1s',
+  maxBackoff: '1s',
+  backoffMultiplier: 2,
+  retryableStatusCodes: ['UNAVAILABLE'],
+};
+
 const DEFAULT_SERVICE_CONFIG = {
   // Spreads calls over every address the target resolves to (a headless Service's pods);
   // with one address it is the same as pick_first.
   loadBalancingConfig: [{ round_robin: {} }],
   methodConfig: [
-    {
-      name: [{ service: SERVICE }],
-      timeout: '10s',
-      retryPolicy: {
-        maxAttempts: 3,
-        initialBackoff: '0.1s',
-        maxBackoff: '1s',
-        backoffMultiplier: 2,
-        retryableStatusCodes: ['UNAVAILABLE'],
-      },
-    },
+    { name: [{ service: SERVICE }], timeout: '10s', retryPolicy: RETRY_POLICY },
+    // A watch runs until it ends: no default deadline (the entry naming the method wins).
+    { name: [{ service: SERVICE, method: 'WatchImageShares' }], retryPolicy: RETRY_POLICY },
   ],
   retryThrottling: { maxTokens: 10, tokenRatio: 0.1 },
 };
+
+// How a watch reconnects after UNAVAILABLE (a drain, a connection at its age) or the
+// server's watch limit: exponential backoff with full jitter, for as long as it is read.
+const DEFAULT_RECONNECT = { maxAttempts: Infinity, initialBackoffMs: 100, maxBackoffMs: 10_000, multiplier: 2 };
 
 function loadPackage() {
   const definition = protoLoader.loadSync(PROTO_FILE, {
@@ -237,6 +242,151 @@ function toMetadata(metadata) {
   return md;
 }
 
+function account(message) {
+  return { aliyunId: message.aliyunId, sharedTime: toDate(message.sharedTime) };
+}
+
+function sameAccount(a, b) {
+  return a.aliyunId === b.aliyunId && (a.sharedTime?.getTime() ?? null) === (b.sharedTime?.getTime() ?? null);
+}
+
+function sleep(ms) {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+/**
+ * Backoff before reconnecting after `failures` failures in a row, or null when the error is
+ * an answer (NOT_FOUND: the image was deleted; INVALID_ARGUMENT; ...).
+ */
+function reconnectDelayMs(error, failures, policy) {
+  if (failures >= policy.maxAttempts) return null;
+  const cap = Math.min(policy.maxBackoffMs, policy.initialBackoffMs * policy.multiplier ** Math.min(failures - 1, 20));
+  const jittered = Math.random() * cap;
+  if (error.code === grpc.status.UNAVAILABLE) return jittered;
+  if (error.code === grpc.status.RESOURCE_EXHAUSTED && error.retryAfterMs !== null) {
+    return Math.max(error.retryAfterMs, jittered);
+  }
+  return null;
+}
+
+/**
+ * One image's share list and its changes. `for await (const change of watch)` yields
+ * `{ snapshot, resumed, added: [{ aliyunId, sharedTime }], removed: [id], groupsAdded,
+ * groupsRemoved, totalCount, readTime, becamePublic, becamePrivate, regionId, imageId }`:
+ * first the whole list (`snapshot`), then each change. When the stream ends UNAVAILABLE
+ * the watch reconnects with backoff and reports what changed meanwhile as one `resumed`
+ * change, so none is missed; other errors are thrown. `accounts` (a Map by id),
+ * `shareGroups` and `isPublic` hold the list as of the last change. Breaking out of the
+ * loop or `cancel()` ends the watch.
+ */
+class ShareWatch {
+  constructor(openCall, { regionId, imageId, reconnect = DEFAULT_RECONNECT, onReconnect = null }) {
+    this._openCall = openCall;
+    this._reconnect = { ...DEFAULT_RECONNECT, ...reconnect };
+    this._onReconnect = onReconnect;
+    this._call = null;
+    this._cancelled = false;
+    this._started = false;
+    this.regionId = regionId;
+    this.imageId = imageId;
+    this.accounts = new Map();
+    this.shareGroups = [];
+    this.reconnects = 0;
+  }
+
+  get isPublic() {
+    return this.shareGroups.includes(PUBLIC_GROUP);
+  }
+
+  _change(message, fields) {
+    return {
+      regionId: this.regionId,
+      imageId: this.imageId,
+      snapshot: false,
+      resumed: false,
+      added: [],
+      removed: [],
+      groupsAdded: [],
+      groupsRemoved: [],
+      ...fields,
+      totalCount: this.accounts.size,
+      readTime: toDate(message.readTime),
+      get becamePublic() {
+        return !this.snapshot && this.groupsAdded.includes(PUBLIC_GROUP);
+      },
+      get becamePrivate() {
+        return this.groupsRemoved.includes(PUBLIC_GROUP);
+      },
+    };
+  }
+
+  _apply(message) {
+    if (message.snapshot) return this._snapshot(message);
+    const removed = message.removedAliyunIds.filter((id) => this.accounts.delete(id));
+    const groupsRemoved = message.removedShareGroups.filter((g) => this.shareGroups.includes(g));
+    this.shareGroups = this.shareGroups.filter((g) => !groupsRemoved.includes(g));
+    const added = message.accounts.map(account);
+    for (const a of added) this.accounts.set(a.aliyunId, a);
+    const groupsAdded = message.shareGroups.map((g) => g.group).filter((g) => !this.shareGroups.includes(g));
+    this.shareGroups.push(...groupsAdded);
+    return this._change(message, { added, removed, groupsAdded, groupsRemoved });
+  }
+
+  _snapshot(message) {
+    const accounts = new Map(message.accounts.map((a) => [a.aliyunId, account(a)]));
+    const groups = [...new Set(message.shareGroups.map((g) => g.group))];
+    if (!this._started) {
+      this._started = true;
+      this.accounts = accounts;
+      this.shareGroups = groups;
+      return this._change(message, { snapshot: true, added: [...accounts.values()], groupsAdded: groups });
+    }
+    // A new stream after a reconnect: what changed while disconnected.
+    const added = [...accounts.values()].filter((a) => !this.accounts.has(a.aliyunId) || !sameAccount(this.accounts.get(a.aliyunId), a));
+    const removed = [...this.accounts.keys()].filter((id) => !accounts.has(id));
+    const groupsAdded = groups.filter((g) => !this.shareGroups.includes(g));
+    const groupsRemoved = this.shareGroups.filter((g) => !groups.includes(g));
+    this.accounts = accounts;
+    this.shareGroups = groups;
+    if (!added.length && !removed.length && !groupsAdded.length && !groupsRemoved.length) return null;
+    return this._change(message, { resumed: true, added, removed, groupsAdded, groupsRemoved });
+  }
+
+  async *[Symbol.asyncIterator]() {
+    let failures = 0;
+    try {
+      while (!this._cancelled) {
+        this._call = this._openCall();
+        let error;
+        try {
+          for await (const message of this._call) {
+            failures = 0;
+            const change = this._apply(message);
+            if (change) yield change;
+          }
+          error = new ImageShareError({ code: grpc.status.UNAVAILABLE, details: 'the server ended the watch' });
+        } catch (err) {
+          if (this._cancelled) return;
+          error = new ImageShareError(err);
+        }
+        failures += 1;
+        const delay = reconnectDelayMs(error, failures, this._reconnect);
+        if (delay === null) throw error;
+        if (this._onReconnect) this._onReconnect(failures, error, delay);
+        await sleep(delay);
+        this.reconnects += 1;
+      }
+    } finally {
+      this.cancel();
+    }
+  }
+
+  cancel() {
+    this._cancelled = true;
+    if (this._call) this._call.cancel();
+  }
+}
+
 class ImageShareClient {
   /**
    * @param {string} target host:port
@@ -270,17 +420,52 @@ class ImageShareClient {
     return new ShareListing(() => this._client.ListImageShares(request, md, { deadline }));
   }
 
+  /**
+   * Whether aliyunId (digits) may launch the image: CheckImageShare, one small call answered
+   * from the server's cache when it has the list. Resolves to `{ shared, via, sharedTime,
+   * totalCount, cacheStatus, readTime, upstreamRequestIds }`; `via` is 'SHARE_VIA_ACCOUNT'
+   * (listed, with its sharedTime), 'SHARE_VIA_PUBLIC' or 'SHARE_VIA_UNSPECIFIED' (not shared).
+   */
+  check(regionId, imageId, aliyunId, { ownerAccount = '', bypassCache = false, timeoutMs } = {}) {
+    const request = { regionId, imageId, ownerAccount, aliyunId, bypassCache };
+    const deadline = new Date(Date.now() + (timeoutMs ?? this.timeoutMs));
+    return new Promise((resolve, reject) => {
+      this._client.CheckImageShare(request, { deadline }, (err, response) => {
+        if (err) {
+          reject(new ImageShareError(err));
+          return;
+        }
+        resolve({
+          shared: response.shared,
+          via: response.via,
+          sharedTime: toDate(response.sharedTime),
+          totalCount: response.totalCount,
+          cacheStatus: response.cacheStatus,
+          readTime: toDate(response.readTime),
+          upstreamRequestIds: response.upstreamRequestIds,
+        });
+      });
+    });
+  }
+
   /** True when accountId may use the image: listed, or the image is public (group "all"). */
   async isSharedWith(regionId, imageId, accountId, opts = {}) {
-    const listing = this.listShares(regionId, imageId, { ...opts, pageSize: 100 });
-    if ((await listing.start()).isPublic) {
-      listing.cancel();
-      return true;
-    }
-    for await (const account of listing) {
-      if (account.aliyunId === accountId) return true;
-    }
-    return false;
+    return (await this.check(regionId, imageId, accountId, opts)).shared;
+  }
+
+  /**
+   * The image's share list and every change to it, as a ShareWatch (no deadline; it
+   * reconnects after UNAVAILABLE). `reconnect`: { maxAttempts, initialBackoffMs,
+   * maxBackoffMs, multiplier }; `onReconnect(failures, error, delayMs)` is told of each.
+   */
+  watch(regionId, imageId, { ownerAccount = '', reconnect, onReconnect } = {}) {
+    const request = { regionId, imageId, ownerAccount };
+    return new ShareWatch(() => this._client.WatchImageShares(request), {
+      regionId,
+      imageId,
+      reconnect,
+      onReconnect,
+    });
   }
 
   close() {
@@ -288,4 +473,12 @@ class ImageShareClient {
   }
 }
 
-module.exports = { ImageShareClient, ImageShareError, ShareListing, DEFAULT_SERVICE_CONFIG, PROTO_ROOT };
+module.exports = {
+  ImageShareClient,
+  ImageShareError,
+  ShareListing,
+  ShareWatch,
+  DEFAULT_SERVICE_CONFIG,
+  DEFAULT_RECONNECT,
+  PROTO_ROOT,
+};

@@ -118,6 +118,27 @@ class EmulatorAdmin:
     def delete_image(self, region_id: str, image_id: str) -> bool:
         return bool(self._call("delete_image", region_id=region_id, image_id=image_id))
 
+    def modify_share(
+        self,
+        region_id: str,
+        image_id: str,
+        *,
+        add_accounts: Iterable[Mapping[str, Any] | str] = (),
+        remove_accounts: Iterable[str] = (),
+        add_groups: Iterable[str] = (),
+        remove_groups: Iterable[str] = (),
+    ) -> dict[str, Any] | None:
+        result: dict[str, Any] | None = self._call(
+            "modify_share",
+            region_id=region_id,
+            image_id=image_id,
+            add_accounts=[a if isinstance(a, str) else dict(a) for a in add_accounts],
+            remove_accounts=list(remove_accounts),
+            add_groups=list(add_groups),
+            remove_groups=list(remove_groups),
+        )
+        return result
+
     def change_after(
         self, region_id: str, image_id: str, calls: int, accounts: Iterable[Mapping[str, Any]]
     ) -> None:

@@ -134,6 +134,37 @@ class EmulatorData:
             if image is not None:
                 self.images[(region_id, image_id)] = replace(image, accounts=tuple(accounts))
 
+    def modify_share(
+        self,
+        region_id: str,
+        image_id: str,
+        *,
+        add_accounts: Iterable[Account] = (),
+        remove_accounts: Iterable[str] = (),
+        add_groups: Iterable[str] = (),
+        remove_groups: Iterable[str] = (),
+    ) -> Image | None:
+        """Share and unshare in one step, like ECS's ModifyImageSharePermission.
+
+        Removals apply first; an added account already in the list keeps its place
+        and takes the new shared time; new accounts and groups go at the end.
+        Returns the image as changed, None when there is no such image.
+        """
+        with self._lock:
+            image = self.images.get((region_id, image_id))
+            if image is None:
+                return None
+            gone = set(remove_accounts)
+            accounts = {a.aliyun_id: a for a in image.accounts if a.aliyun_id not in gone}
+            for account in add_accounts:
+                accounts[account.aliyun_id] = account
+            dropped = set(remove_groups)
+            groups = [g for g in image.share_groups if g not in dropped]
+            groups += [g for g in dict.fromkeys(add_groups) if g not in groups]
+            changed = replace(image, accounts=tuple(accounts.values()), share_groups=tuple(groups))
+            self.images[(region_id, image_id)] = changed
+            return changed
+
 
 def load_data(path: str | Path) -> EmulatorData:
     """Read ``{"images": [...], "regions": [...]?}``; the known regions are always included."""

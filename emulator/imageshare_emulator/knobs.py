@@ -15,7 +15,13 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from imageshare_emulator import errors
-from imageshare_emulator.data import Account, EmulatorData, Image, image_from_dict
+from imageshare_emulator.data import (
+    Account,
+    EmulatorData,
+    Image,
+    image_from_dict,
+    image_to_dict,
+)
 
 FAULT_MODES = ("reset", "truncated", "malformed", "slow_body", "error_code", "raw")
 
@@ -173,6 +179,40 @@ class Knobs:
 
     def delete_image(self, region_id: str, image_id: str) -> bool:
         return self._data.delete(region_id, image_id)
+
+    def modify_share(
+        self,
+        region_id: str,
+        image_id: str,
+        *,
+        add_accounts: Iterable[Mapping[str, Any] | str] = (),
+        remove_accounts: Iterable[str] = (),
+        add_groups: Iterable[str] = (),
+        remove_groups: Iterable[str] = (),
+    ) -> dict[str, Any] | None:
+        """Share the image with accounts or groups and unshare others, as ECS's
+        ModifyImageSharePermission does (``add_groups=["all"]`` makes it public).
+
+        An added account is an id or ``{"aliyun_id", "shared_time"}``; without a
+        shared time it gets the current time. Returns the image as it now is (the
+        data-file shape), or None when there is no such image.
+        """
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        added = tuple(
+            Account(a, now)
+            if isinstance(a, str)
+            else Account(str(a["aliyun_id"]), a.get("shared_time") or now)
+            for a in add_accounts
+        )
+        changed = self._data.modify_share(
+            region_id,
+            image_id,
+            add_accounts=added,
+            remove_accounts=[str(a) for a in remove_accounts],
+            add_groups=[str(g) for g in add_groups],
+            remove_groups=[str(g) for g in remove_groups],
+        )
+        return None if changed is None else image_to_dict(changed)
 
     def change_after(
         self,

@@ -332,6 +332,7 @@ class Emulator:
             "reset": knobs.reset,
             "upsert_image": knobs.upsert_image,
             "delete_image": knobs.delete_image,
+            "modify_share": knobs.modify_share,
             "change_after": knobs.change_after,
             "churn": knobs.churn,
             "add_credentials": self.credential_store.add,

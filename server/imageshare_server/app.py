@@ -2,8 +2,9 @@
 
 Start-up order matters: the gRPC port is bound and every servicer is added
 before health says SERVING; on SIGTERM health flips to NOT_SERVING first, so
-load balancers stop sending, then in-flight streams get the grace period.
-SIGUSR1 dumps every thread's and every task's stack to stderr.
+load balancers stop sending, every watch ends at once with UNAVAILABLE (its
+caller reconnects to another replica), then in-flight listings and checks get
+the grace period. SIGUSR1 dumps every thread's and every task's stack to stderr.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from imageshare_server.credentials import (
 from imageshare_server.grpcapi.health import DrainingHealthServicer
 from imageshare_server.grpcapi.reflection import enable_reflection
 from imageshare_server.grpcapi.service import (
-    LIST_METHOD,
+    METHODS,
     SERVICE_NAME,
     ImageShareService,
     add_to_server,
@@ -71,6 +72,7 @@ from imageshare_server.redis_tier.link import RedisLink
 from imageshare_server.upstream.client import EcsClient, SignatureVersion
 from imageshare_server.upstream.endpoints import EndpointResolver
 from imageshare_server.upstream.retry import RetryBudget, RetryPolicy
+from imageshare_server.watch.hub import WatchHub
 
 log = logging.getLogger("imageshare.server")
 
@@ -102,6 +104,7 @@ class Runtime:
     service: ImageShareService
     source: SharedShareSource
     limiter: UpstreamRateLimiter
+    watches: WatchHub
     stack: contextlib.AsyncExitStack
     grpc_port: int
     metrics_port: int | None = None
@@ -140,6 +143,9 @@ def _check_free(listen: str) -> None:
         raise StartupError(f"cannot listen on {listen}: {exc.strerror}") from None
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as probe:
+        # As grpc binds: connections of a server that just stopped on this port (TIME_WAIT)
+        # do not make it busy; a socket listening on it still does.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(address)
         except OSError as exc:
@@ -382,13 +388,23 @@ async def _start(
     # Closed before the HTTP client and Redis (the stack runs backwards).
     stack.push_async_callback(source.aclose)
 
+    watches = WatchHub(
+        source,
+        interval=settings.watch_interval,
+        max_watchers=settings.max_watchers,
+        clock=clock,
+        metrics=metrics,
+    )
+    stack.push_async_callback(watches.aclose)
     interceptor = GrpcMetricsInterceptor(registry, tracer=tracer)
-    interceptor.initialize(LIST_METHOD, "server_stream")
+    for method, kind in METHODS.items():
+        interceptor.initialize(method, kind)
     server = grpc.aio.server(interceptors=[interceptor], options=server_options(settings))
     # The concurrency limit lives in the service, not in grpc's
-    # maximum_concurrent_rpcs, so that health checks never count against it.
+    # maximum_concurrent_rpcs, so that health checks (and watches) never count against it.
     service = ImageShareService(
         source,
+        watches=watches,
         max_concurrent=settings.max_concurrent_rpcs,
         stall_timeout=settings.stream_stall_timeout,
         clock=clock,
@@ -416,6 +432,7 @@ async def _start(
         service,
         source,
         limiter,
+        watches,
         stack,
         grpc_port,
         health_port=health_port,
@@ -464,10 +481,20 @@ def _tracer(stack: contextlib.AsyncExitStack) -> Tracer:
 
 
 async def shutdown(runtime: Runtime, stop_now: asyncio.Event | None = None) -> None:
-    """Drain: NOT_SERVING, refuse new RPCs, give in-flight ones the grace period."""
+    """Drain: NOT_SERVING, end every watch (UNAVAILABLE), refuse new RPCs, give in-flight
+    listings and checks the grace period."""
     stop_now = stop_now or asyncio.Event()
     await runtime.health.enter_graceful_shutdown()
-    log.info("draining", extra={"event": "draining", "grace_period": runtime.settings.grace_period})
+    watchers = runtime.watches.watchers
+    runtime.watches.close()
+    log.info(
+        "draining",
+        extra={
+            "event": "draining",
+            "grace_period": runtime.settings.grace_period,
+            "watches_ended": watchers,
+        },
+    )
     stop = asyncio.ensure_future(runtime.server.stop(runtime.settings.grace_period))
     forced = asyncio.ensure_future(stop_now.wait())
     await asyncio.wait({stop, forced}, return_when=asyncio.FIRST_COMPLETED)

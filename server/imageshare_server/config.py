@@ -157,6 +157,18 @@ class Settings:
     max_concurrent_rpcs: int = _opt(
         1000, "Concurrent RPCs beyond which new calls get RESOURCE_EXHAUSTED at once.", minimum=1
     )
+    watch_interval: float = _opt(
+        60.0,
+        "Seconds between two upstream reads of a watched image's share list (one read per "
+        "image and interval, however many callers watch it).",
+        minimum=1,
+    )
+    max_watchers: int = _opt(
+        10_000,
+        "Watches (WatchImageShares streams) open at once beyond which new ones get "
+        "RESOURCE_EXHAUSTED; they do not count against --max-concurrent-rpcs.",
+        minimum=1,
+    )
     health_listen: str = _opt(
         "",
         "Extra plaintext HOST:PORT serving only grpc.health.v1, for kubelet probes when the "

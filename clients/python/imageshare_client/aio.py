@@ -21,10 +21,18 @@ from ._listing import (
     empty_stream_error,
     retry_delay,
 )
+from ._watching import (
+    DEFAULT_RECONNECT,
+    WatchState,
+    check_request,
+    ended_error,
+    reconnect_delay,
+    watch_request,
+)
 from .channel import DEFAULT_SERVICE_CONFIG, RetryPolicy, channel_options, default_retry
 from .client import DEFAULT_TIMEOUT
 from .errors import from_rpc_error
-from .models import ListingMetadata, SharedAccount, ShareList
+from .models import ListingMetadata, ShareChange, ShareCheck, SharedAccount, ShareList
 
 
 class AsyncShareListing:
@@ -163,6 +171,95 @@ class AsyncShareListing:
             self.cancel()
 
 
+class AsyncShareWatch:
+    """`ShareWatch` for asyncio: `async for change in watch`, same events and reconnection.
+
+    Cancelling the task that iterates, leaving an `async with` block or `cancel()` ends it.
+    """
+
+    def __init__(
+        self,
+        stub: Any,
+        request: pb.WatchImageSharesRequest,
+        *,
+        reconnect: RetryPolicy,
+        metadata: Sequence[tuple[str, str]],
+        on_retry: RetryHook | None,
+    ) -> None:
+        self._stub = stub
+        self._request = request
+        self._reconnect = reconnect
+        self._grpc_metadata = tuple(metadata)
+        self._on_retry = on_retry
+        self._state = WatchState(request.region_id, request.image_id)
+        self._call: Any = None
+        self._cancelled = False
+
+    @property
+    def accounts(self) -> Mapping[str, SharedAccount]:
+        return self._state.accounts
+
+    @property
+    def share_groups(self) -> tuple[str, ...]:
+        return tuple(self._state.share_groups)
+
+    @property
+    def is_public(self) -> bool:
+        return self._state.is_public
+
+    @property
+    def reconnects(self) -> int:
+        return self._state.reconnects
+
+    def __aiter__(self) -> AsyncIterator[ShareChange]:
+        return self._changes()
+
+    async def _changes(self) -> AsyncIterator[ShareChange]:
+        failures = 0
+        try:
+            while not self._cancelled:
+                call = self._stub.WatchImageShares(self._request, metadata=self._grpc_metadata)
+                self._call = call
+                try:
+                    while (msg := await call.read()) is not grpc.aio.EOF:
+                        failures = 0
+                        change = self._state.apply(msg)
+                        if change is not None:
+                            yield change
+                    error = ended_error()
+                except grpc.aio.AioRpcError as exc:
+                    if self._cancelled:
+                        return
+                    error = from_rpc_error(exc, attempts=failures + 1)
+                failures += 1
+                delay = reconnect_delay(error, failures, self._reconnect)
+                if delay is None:
+                    raise error
+                if self._on_retry is not None:
+                    self._on_retry(failures, error, delay)
+                await asyncio.sleep(delay)
+                self._state.reconnects += 1
+        finally:
+            self.cancel()
+
+    def cancel(self) -> None:
+        """Stop watching; the server lets go of the stream."""
+        self._cancelled = True
+        if self._call is not None:
+            self._call.cancel()
+
+    async def __aenter__(self) -> AsyncShareWatch:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.cancel()
+
+
 class AsyncImageShareClient:
     """asyncio client for `imageshare.v1.ImageShareService`; create it inside the event loop
     that uses it, one per loop. Same defaults as `ImageShareClient`.
@@ -212,6 +309,41 @@ class AsyncImageShareClient:
             on_retry=self._on_retry,
         )
 
+    async def check(
+        self,
+        region: str,
+        image: str,
+        account_id: str,
+        *,
+        owner_account: str = "",
+        bypass_cache: bool = False,
+        # A gRPC deadline sent to the server, which asyncio.timeout could not do.
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> ShareCheck:
+        """Whether `account_id` may launch `image` (`CheckImageShare`); see the sync twin."""
+        request = check_request(region, image, account_id, owner_account, bypass_cache)
+        deadline = Deadline(self.timeout if timeout is None else timeout)
+        attempt = 0
+        while True:
+            attempt += 1
+            remaining = deadline.remaining()
+            if remaining is not None and remaining <= 0:
+                raise deadline.expired_error(attempt - 1)
+            try:
+                response = await self._stub.CheckImageShare(
+                    request, timeout=remaining, metadata=self._metadata
+                )
+            except grpc.aio.AioRpcError as exc:
+                error = from_rpc_error(exc, attempts=attempt)
+                delay = retry_delay(error, attempt, self.retry, deadline)
+                if delay is None:
+                    raise error from exc
+                if self._on_retry is not None:
+                    self._on_retry(attempt, error, delay)
+                await asyncio.sleep(delay)
+                continue
+            return ShareCheck.from_proto(response)
+
     async def is_shared_with(
         self,
         region: str,
@@ -219,19 +351,30 @@ class AsyncImageShareClient:
         account_id: str,
         *,
         owner_account: str = "",
-        # A gRPC deadline sent to the server, which asyncio.timeout could not do.
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> bool:
         """True when `account_id` may use the image: listed, or the image is public."""
-        async with self.list_shares(
-            region, image, owner_account=owner_account, page_size=100, timeout=timeout
-        ) as listing:
-            if (await listing.start()).is_public:
-                return True
-            async for account in listing:
-                if account.aliyun_id == account_id:
-                    return True
-            return False
+        answer = await self.check(
+            region, image, account_id, owner_account=owner_account, timeout=timeout
+        )
+        return answer.shared
+
+    def watch(
+        self,
+        region: str,
+        image: str,
+        *,
+        owner_account: str = "",
+        reconnect: RetryPolicy | None = None,
+    ) -> AsyncShareWatch:
+        """The share list of `image` and every change to it, as a lazy `AsyncShareWatch`."""
+        return AsyncShareWatch(
+            self._stub,
+            watch_request(region, image, owner_account),
+            reconnect=reconnect if reconnect is not None else DEFAULT_RECONNECT,
+            metadata=self._metadata,
+            on_retry=self._on_retry,
+        )
 
     async def close(self) -> None:
         await self._channel.close()

@@ -26,6 +26,14 @@ SERVICE_NAME = image_share_pb2.DESCRIPTOR.services_by_name["ImageShareService"].
 # is explicit so that a misbehaving peer cannot make the client buffer arbitrary amounts.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
+_RETRY_POLICY: Mapping[str, Any] = {
+    "maxAttempts": 3,
+    "initialBackoff": "0.1s",
+    "maxBackoff": "1s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+
 DEFAULT_SERVICE_CONFIG: Mapping[str, Any] = {
     # With a target that resolves to every pod (dns:///<name>-headless.<ns>.svc:50051),
     # calls spread over all of them; with one address it is the same as pick_first.
@@ -36,14 +44,16 @@ DEFAULT_SERVICE_CONFIG: Mapping[str, Any] = {
             "timeout": "10s",
             "maxRequestMessageBytes": 64 * 1024,
             "maxResponseMessageBytes": MAX_MESSAGE_BYTES,
-            "retryPolicy": {
-                "maxAttempts": 3,
-                "initialBackoff": "0.1s",
-                "maxBackoff": "1s",
-                "backoffMultiplier": 2,
-                "retryableStatusCodes": ["UNAVAILABLE"],
-            },
-        }
+            "retryPolicy": _RETRY_POLICY,
+        },
+        # A watch runs until it ends: no default deadline (the entry naming the method
+        # wins over the service's).
+        {
+            "name": [{"service": SERVICE_NAME, "method": "WatchImageShares"}],
+            "maxRequestMessageBytes": 64 * 1024,
+            "maxResponseMessageBytes": MAX_MESSAGE_BYTES,
+            "retryPolicy": _RETRY_POLICY,
+        },
     ],
     # Stops a fleet of clients from multiplying load on a server that is already failing.
     "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},

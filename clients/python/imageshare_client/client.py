@@ -21,9 +21,17 @@ from ._listing import (
     empty_stream_error,
     retry_delay,
 )
+from ._watching import (
+    DEFAULT_RECONNECT,
+    WatchState,
+    check_request,
+    ended_error,
+    reconnect_delay,
+    watch_request,
+)
 from .channel import DEFAULT_SERVICE_CONFIG, RetryPolicy, channel_options, default_retry
 from .errors import from_rpc_error
-from .models import ListingMetadata, SharedAccount, ShareList
+from .models import ListingMetadata, ShareChange, ShareCheck, SharedAccount, ShareList
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -159,6 +167,100 @@ class ShareListing:
             self.cancel()
 
 
+class ShareWatch:
+    """One image's share list and its changes, as `ShareChange` events: iterate it.
+
+    The first event is the whole list (`snapshot`); then one per change, as the server
+    sees it (every `--watch-interval`, 60 s by default). When the stream ends UNAVAILABLE
+    (the server drains, the connection reached its age) or the server is at its watch
+    limit, the watch reconnects with backoff and compares the new snapshot with what it
+    held: what changed meanwhile comes as one `resumed` event, so no change is missed.
+    Other errors (NOT_FOUND: the image was deleted) end the iteration with
+    `ImageShareError`. `accounts`, `share_groups` and `is_public` are the list as of the
+    last event. Leaving a `with` block, breaking out of the loop or `cancel()` ends it.
+    """
+
+    def __init__(
+        self,
+        stub: ImageShareServiceStub,
+        request: pb.WatchImageSharesRequest,
+        *,
+        reconnect: RetryPolicy,
+        metadata: Sequence[tuple[str, str]],
+        on_retry: RetryHook | None,
+    ) -> None:
+        self._stub = stub
+        self._request = request
+        self._reconnect = reconnect
+        self._grpc_metadata = tuple(metadata)
+        self._on_retry = on_retry
+        self._state = WatchState(request.region_id, request.image_id)
+        self._call: Any = None
+        self._cancelled = False
+
+    @property
+    def accounts(self) -> Mapping[str, SharedAccount]:
+        return self._state.accounts
+
+    @property
+    def share_groups(self) -> tuple[str, ...]:
+        return tuple(self._state.share_groups)
+
+    @property
+    def is_public(self) -> bool:
+        return self._state.is_public
+
+    @property
+    def reconnects(self) -> int:
+        """Streams opened again after the first one ended."""
+        return self._state.reconnects
+
+    def __iter__(self) -> Iterator[ShareChange]:
+        failures = 0
+        try:
+            while not self._cancelled:
+                call = self._stub.WatchImageShares(self._request, metadata=self._grpc_metadata)
+                self._call = call
+                try:
+                    for msg in call:
+                        failures = 0
+                        change = self._state.apply(msg)
+                        if change is not None:
+                            yield change
+                    error = ended_error()
+                except grpc.RpcError as exc:
+                    if self._cancelled:
+                        return
+                    error = from_rpc_error(exc, attempts=failures + 1)
+                failures += 1
+                delay = reconnect_delay(error, failures, self._reconnect)
+                if delay is None:
+                    raise error
+                if self._on_retry is not None:
+                    self._on_retry(failures, error, delay)
+                time.sleep(delay)
+                self._state.reconnects += 1
+        finally:
+            self.cancel()
+
+    def cancel(self) -> None:
+        """Stop watching; the server lets go of the stream."""
+        self._cancelled = True
+        if self._call is not None:
+            self._call.cancel()
+
+    def __enter__(self) -> ShareWatch:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.cancel()
+
+
 class ImageShareClient:
     """Blocking client for `imageshare.v1.ImageShareService`; one per process, shared by threads.
 
@@ -210,6 +312,44 @@ class ImageShareClient:
             on_retry=self._on_retry,
         )
 
+    def check(
+        self,
+        region: str,
+        image: str,
+        account_id: str,
+        *,
+        owner_account: str = "",
+        bypass_cache: bool = False,
+        timeout: float | None = None,
+    ) -> ShareCheck:
+        """Whether `account_id` may launch `image` (`CheckImageShare`): one small call,
+        answered from the server's cache when it has the list.
+
+        Retries UNAVAILABLE within the deadline, like a listing before its first message.
+        """
+        request = check_request(region, image, account_id, owner_account, bypass_cache)
+        deadline = Deadline(self.timeout if timeout is None else timeout)
+        attempt = 0
+        while True:
+            attempt += 1
+            remaining = deadline.remaining()
+            if remaining is not None and remaining <= 0:
+                raise deadline.expired_error(attempt - 1)
+            try:
+                response = self._stub.CheckImageShare(
+                    request, timeout=remaining, metadata=self._metadata
+                )
+            except grpc.RpcError as exc:
+                error = from_rpc_error(exc, attempts=attempt)
+                delay = retry_delay(error, attempt, self.retry, deadline)
+                if delay is None:
+                    raise error from exc
+                if self._on_retry is not None:
+                    self._on_retry(attempt, error, delay)
+                time.sleep(delay)
+                continue
+            return ShareCheck.from_proto(response)
+
     def is_shared_with(
         self,
         region: str,
@@ -219,16 +359,31 @@ class ImageShareClient:
         owner_account: str = "",
         timeout: float | None = None,
     ) -> bool:
-        """True when `account_id` may use the image: listed, or the image is public.
+        """True when `account_id` may use the image: listed, or the image is public."""
+        return self.check(
+            region, image, account_id, owner_account=owner_account, timeout=timeout
+        ).shared
 
-        Stops reading (and cancels the stream) as soon as the answer is known.
+    def watch(
+        self,
+        region: str,
+        image: str,
+        *,
+        owner_account: str = "",
+        reconnect: RetryPolicy | None = None,
+    ) -> ShareWatch:
+        """The share list of `image` and every change to it, as a lazy `ShareWatch`.
+
+        `reconnect` bounds the reconnections in a row (default: for as long as it is
+        iterated, backing off up to 10 s).
         """
-        with self.list_shares(
-            region, image, owner_account=owner_account, page_size=100, timeout=timeout
-        ) as listing:
-            if listing.metadata.is_public:
-                return True
-            return any(a.aliyun_id == account_id for a in listing)
+        return ShareWatch(
+            self._stub,
+            watch_request(region, image, owner_account),
+            reconnect=reconnect if reconnect is not None else DEFAULT_RECONNECT,
+            metadata=self._metadata,
+            on_retry=self._on_retry,
+        )
 
     def close(self) -> None:
         self._channel.close()

@@ -20,7 +20,7 @@ class FieldViolation:
 
 
 class ImageShareError(Exception):
-    """A failed `ListImageShares` call, with the server's structured details decoded.
+    """A failed call (list, check or watch), with the server's structured details decoded.
 
     `reason`, `domain` and `metadata` come from `google.rpc.ErrorInfo`; `field_violations`
     from `google.rpc.BadRequest`; `retry_after` (seconds) from `google.rpc.RetryInfo`.
@@ -31,9 +31,10 @@ class ImageShareError(Exception):
     metadata holds `upstreamCode`, `requestId` and `httpStatus`. The service's own
     reasons (domain `imageshare.v1`): `INVALID_REQUEST` and `MALFORMED_REQUEST`
     (INVALID_ARGUMENT); `UPSTREAM_RATE_LIMITED`, `UPSTREAM_BUSY` and
-    `TOO_MANY_CONCURRENT_CALLS` (RESOURCE_EXHAUSTED, with `retry_after`);
-    `UPSTREAM_TIMEOUT`, `UPSTREAM_CONNECTION_ERROR`, `UPSTREAM_MALFORMED_RESPONSE`,
-    `LISTING_TIMEOUT` and `STREAM_STALLED` (UNAVAILABLE); `DEADLINE_TOO_SHORT`
+    `TOO_MANY_CONCURRENT_CALLS` and `TOO_MANY_WATCHERS` (RESOURCE_EXHAUSTED, with
+    `retry_after`); `UPSTREAM_TIMEOUT`, `UPSTREAM_CONNECTION_ERROR`,
+    `UPSTREAM_MALFORMED_RESPONSE`, `LISTING_TIMEOUT`, `STREAM_STALLED` and `SHUTTING_DOWN`
+    (UNAVAILABLE; a watch reconnects by itself); `DEADLINE_TOO_SHORT`
     (DEADLINE_EXCEEDED); `SHARE_LIST_CHANGING` (ABORTED); `SHARE_LIST_TOO_LARGE`
     (FAILED_PRECONDITION); `INTERNAL`.
     """

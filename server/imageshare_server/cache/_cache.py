@@ -10,7 +10,9 @@ is kept (code, message, HTTP status, request id), never the exception with
 its traceback.
 
 Each entry keeps the serialized response messages a hit needs, for a few
-page sizes, so that a hit does no message building (see ``messages``).
+page sizes, so that a hit does no message building (see ``messages``), and,
+once a check asked for it, an index of its accounts by id, so that a check
+costs one dictionary lookup however long the list is (see ``index``).
 
 Memory is bounded by ``max_bytes`` with sizes measured, not guessed: every
 string, tuple and message an entry holds is counted with ``sys.getsizeof``
@@ -24,12 +26,12 @@ from __future__ import annotations
 import enum
 import sys
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from imageshare_server.core.clock import SYSTEM_CLOCK, Clock
 from imageshare_server.core.errors import UpstreamErrorData
-from imageshare_server.core.types import ShareKey, ShareList
+from imageshare_server.core.types import Account, ShareKey, ShareList
 from imageshare_server.observability.metrics import ServiceMetrics
 
 # What an entry costs beyond what it holds: the entry, its key, the list
@@ -56,6 +58,7 @@ class CacheEntry:
     stored: float
     size: int
     messages: OrderedDict[int, list[bytes]] = field(default_factory=OrderedDict)
+    accounts_by_id: dict[str, Account] | None = None
 
     @property
     def negative(self) -> bool:
@@ -221,6 +224,27 @@ class ShareCache:
         self._evict()
         self._report()
         return messages
+
+    def index(self, entry: CacheEntry) -> Mapping[str, Account]:
+        """The accounts of ``entry`` by id, built once and accounted for.
+
+        The dictionary shares the entry's account objects and id strings, so
+        only the table itself adds to the entry's size.
+        """
+        index = entry.accounts_by_id
+        if index is not None:
+            return index
+        shares = entry.shares
+        index = {} if shares is None else {a.aliyun_id: a for a in shares.accounts}
+        if self._entries.get(entry.key) is not entry:
+            return index  # evicted or replaced meanwhile: answer, do not keep
+        entry.accounts_by_id = index
+        added = sys.getsizeof(index)
+        entry.size += added
+        self._bytes += added
+        self._evict()
+        self._report()
+        return index
 
     def sweep(self) -> int:
         """Drop every expired entry now; returns how many went."""

@@ -16,14 +16,24 @@ from imageshare_server.core.errors import (
     OverloadedError,
     RateLimitedError,
     ShareListTooLargeError,
+    ShuttingDownError,
     StreamStalledError,
+    TooManyWatchersError,
     UpstreamApiError,
     UpstreamBusyError,
     UpstreamError,
     UpstreamErrorData,
     UpstreamTransportError,
 )
-from imageshare_server.core.types import Account, ShareKey, ShareList, SharePage, ShareQuery
+from imageshare_server.core.types import (
+    Account,
+    ShareChange,
+    ShareKey,
+    ShareList,
+    SharePage,
+    ShareQuery,
+    share_change,
+)
 
 __all__ = [
     "SYSTEM_CLOCK",
@@ -38,16 +48,20 @@ __all__ = [
     "MalformedRequestError",
     "OverloadedError",
     "RateLimitedError",
+    "ShareChange",
     "ShareKey",
     "ShareList",
     "ShareListTooLargeError",
     "SharePage",
     "ShareQuery",
+    "ShuttingDownError",
     "StreamStalledError",
     "SystemClock",
+    "TooManyWatchersError",
     "UpstreamApiError",
     "UpstreamBusyError",
     "UpstreamError",
     "UpstreamErrorData",
     "UpstreamTransportError",
+    "share_change",
 ]

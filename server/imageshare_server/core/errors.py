@@ -273,6 +273,21 @@ class StreamStalledError(ImageShareError):
         super().__init__(f"the caller read nothing for {seconds:g}s; the stream was ended")
 
 
+class TooManyWatchersError(ImageShareError):
+    """More watches open at once than ``--max-watchers``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        super().__init__(f"the server has its limit of {limit} watches open")
+
+
+class ShuttingDownError(ImageShareError):
+    """The server is draining: a watch ends so that its caller reconnects to another replica."""
+
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down; reconnect to watch from another replica")
+
+
 class CredentialsUnavailable(ImageShareError):
     """No provider in the credentials chain could supply credentials."""
 

@@ -25,6 +25,10 @@ IMAGE_RULE = "a custom image id: m- then 1 to 62 letters or digits"
 OWNER_ACCOUNT_PATTERN = re.compile(r"[\x21-\x7e]{1,128}")
 OWNER_ACCOUNT_RULE = "1 to 128 printable ASCII characters without spaces"
 
+# Alibaba Cloud account ids are decimal numbers (16 digits today); a check names one.
+ALIYUN_ID_PATTERN = re.compile(r"[0-9]{1,32}")
+ALIYUN_ID_RULE = "an Alibaba Cloud account id: 1 to 32 digits"
+
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 100
 

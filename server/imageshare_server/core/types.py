@@ -73,3 +73,50 @@ class ShareList:
     @property
     def total_count(self) -> int:
         return len(self.accounts)
+
+
+PUBLIC_GROUP = "all"
+
+
+@dataclass(frozen=True, slots=True)
+class ShareChange:
+    """What changed from one list of an image to a later one.
+
+    ``added`` holds the accounts new to the list and those shared again (same
+    id, another shared time), in the later list's order; applying the
+    removals, then the additions, to the earlier list gives the later one's
+    accounts and groups.
+    """
+
+    added: tuple[Account, ...] = ()
+    removed: tuple[str, ...] = ()
+    groups_added: tuple[str, ...] = ()
+    groups_removed: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed or self.groups_added or self.groups_removed)
+
+    @property
+    def became_public(self) -> bool:
+        return PUBLIC_GROUP in self.groups_added
+
+    @property
+    def became_private(self) -> bool:
+        return PUBLIC_GROUP in self.groups_removed
+
+
+def share_change(before: ShareList, after: ShareList) -> ShareChange:
+    """The change from ``before`` to ``after``; falsy when they hold the same shares."""
+    if before.accounts == after.accounts and before.share_groups == after.share_groups:
+        return ShareChange()
+    old = {a.aliyun_id: a for a in before.accounts}
+    new_ids = {a.aliyun_id for a in after.accounts}
+    added = tuple(a for a in after.accounts if old.get(a.aliyun_id) != a)
+    removed = tuple(a.aliyun_id for a in before.accounts if a.aliyun_id not in new_ids)
+    old_groups, new_groups = set(before.share_groups), set(after.share_groups)
+    return ShareChange(
+        added=added,
+        removed=removed,
+        groups_added=tuple(g for g in after.share_groups if g not in old_groups),
+        groups_removed=tuple(g for g in before.share_groups if g not in new_groups),
+    )

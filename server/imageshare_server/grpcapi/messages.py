@@ -1,4 +1,5 @@
-"""Turn share chunks into response messages of the caller's page size.
+"""Turn share chunks into response messages of the caller's page size, and build the
+answers of CheckImageShare and the messages of WatchImageShares.
 
 Upstream pages and response messages are independent: a message may take
 accounts from two upstream pages, and one upstream page may fill several
@@ -15,8 +16,9 @@ from google.protobuf import timestamp_pb2
 from imageshare.v1 import image_share_pb2
 from imageshare_server.cache import CacheEntry
 from imageshare_server.core.clock import Clock
-from imageshare_server.core.types import Account, CacheStatus, ShareQuery
-from imageshare_server.listing.source import ShareChunk
+from imageshare_server.core.types import PUBLIC_GROUP, Account, CacheStatus, ShareKey, ShareQuery
+from imageshare_server.listing.source import ShareAnswer, ShareChunk
+from imageshare_server.watch.hub import WatchEvent
 
 Response = image_share_pb2.ListImageSharesResponse
 ProtoCacheStatus: TypeAlias = image_share_pb2.CacheStatus.ValueType
@@ -28,6 +30,7 @@ PROTO_CACHE_STATUS: dict[CacheStatus | None, ProtoCacheStatus] = {
     CacheStatus.BYPASS: image_share_pb2.CACHE_STATUS_BYPASS,
     CacheStatus.COALESCED: image_share_pb2.CACHE_STATUS_COALESCED,
 }
+_CACHED = (CacheStatus.HIT, CacheStatus.STALE)
 
 
 def build_cached_messages(entry: CacheEntry, query: ShareQuery) -> Callable[[], list[bytes]]:
@@ -132,3 +135,53 @@ def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
     stamp.FromNanoseconds(int(seconds * 1e9))
     return stamp
+
+
+def check_response(
+    answer: ShareAnswer, account: Account | None, clock: Clock
+) -> image_share_pb2.CheckImageShareResponse:
+    """The answer to a check: via ACCOUNT when listed, else PUBLIC when shared with ``all``."""
+    response = image_share_pb2.CheckImageShareResponse(
+        total_count=answer.total_count,
+        cache_status=PROTO_CACHE_STATUS[answer.cache_status],
+        upstream_request_ids=answer.request_ids,
+    )
+    if account is not None:
+        response.shared = True
+        response.via = image_share_pb2.SHARE_VIA_ACCOUNT
+        if account.shared_time is not None:
+            response.shared_time.FromDatetime(account.shared_time)
+    elif PUBLIC_GROUP in answer.share_groups:
+        response.shared = True
+        response.via = image_share_pb2.SHARE_VIA_PUBLIC
+    if answer.read_time:
+        response.read_time.CopyFrom(_timestamp(answer.read_time))
+        age = max(0, int((clock.time() - answer.read_time) * 1e9))
+        response.cache_age.FromNanoseconds(age if answer.cache_status in _CACHED else 0)
+    return response
+
+
+def watch_message(event: WatchEvent, key: ShareKey) -> bytes:
+    """The serialized message of ``event``, built once and kept on it for every watcher."""
+    if event.encoded is not None:
+        return event.encoded
+    shares = event.shares
+    message = image_share_pb2.WatchImageSharesResponse(
+        snapshot=event.snapshot,
+        total_count=shares.total_count,
+        region_id=key.region_id,
+        image_id=key.image_id,
+    )
+    change = event.change
+    if change is None:
+        accounts, groups = shares.accounts, shares.share_groups
+    else:
+        accounts, groups = change.added, change.groups_added
+        message.removed_aliyun_ids.extend(change.removed)
+        message.removed_share_groups.extend(change.groups_removed)
+    message.accounts.extend(account_message(a) for a in accounts)
+    message.share_groups.extend(image_share_pb2.ShareGroup(group=g) for g in groups)
+    if shares.read_time:
+        message.read_time.CopyFrom(_timestamp(shares.read_time))
+    event.encoded = message.SerializeToString()
+    return event.encoded

@@ -2,10 +2,16 @@
 
 Nothing reaches the upstream before the request is validated, and every
 failure leaves as a deliberate status with rich details (see ``status``).
-Cache hits are streamed as prebuilt bytes; the method handler is registered
-by hand (``add_to_server``) so its serializer passes those bytes through,
-and its deserializer turns undecodable request bytes into INVALID_ARGUMENT
-instead of an UNKNOWN with a traceback.
+Cache hits are streamed as prebuilt bytes; the method handlers are
+registered by hand (``add_to_server``) so their serializers pass those bytes
+through, and their deserializers turn undecodable request bytes into
+INVALID_ARGUMENT instead of an UNKNOWN with a traceback.
+
+``CheckImageShare`` reads the same list as ``ListImageShares`` (cache,
+single-flight, rate limit, errors) and looks the account up in the cached
+entry's index. ``WatchImageShares`` streams a ``watch.Watcher``'s events;
+watches do not count against ``max_concurrent`` (the hub has its own limit)
+and end with UNAVAILABLE (``SHUTTING_DOWN``) once the hub is closed.
 
 A caller that stops reading cannot hold its slot: every message must be
 taken by the transport within ``stall_timeout`` seconds, or the stream ends
@@ -17,8 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
-from typing import TypeAlias
+from collections.abc import Callable, Sequence
+from typing import Any, TypeAlias, TypeVar
 
 import grpc
 
@@ -28,23 +34,43 @@ from imageshare_server.core.errors import (
     ImageShareError,
     MalformedRequestError,
     OverloadedError,
+    ShuttingDownError,
     StreamStalledError,
 )
-from imageshare_server.core.types import CacheStatus
+from imageshare_server.core.types import Account, CacheStatus
 from imageshare_server.grpcapi import status
-from imageshare_server.grpcapi.messages import MessageBuilder, build_cached_messages, hit_suffix
-from imageshare_server.grpcapi.validation import validate
-from imageshare_server.listing.source import ShareSource
+from imageshare_server.grpcapi.messages import (
+    MessageBuilder,
+    build_cached_messages,
+    check_response,
+    hit_suffix,
+    watch_message,
+)
+from imageshare_server.grpcapi.validation import (
+    CheckQuery,
+    validate,
+    validate_check,
+    validate_watch,
+)
+from imageshare_server.listing.source import ShareAnswer, ShareSource, read_whole
 from imageshare_server.observability.logging import rpc_log_fields
+from imageshare_server.watch.hub import WatchHub
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = image_share_pb2.DESCRIPTOR.services_by_name["ImageShareService"].full_name
 LIST_METHOD = f"/{SERVICE_NAME}/ListImageShares"
+CHECK_METHOD = f"/{SERVICE_NAME}/CheckImageShare"
+WATCH_METHOD = f"/{SERVICE_NAME}/WatchImageShares"
+METHODS = {LIST_METHOD: "server_stream", CHECK_METHOD: "unary", WATCH_METHOD: "server_stream"}
 Request = image_share_pb2.ListImageSharesRequest
 Response = image_share_pb2.ListImageSharesResponse
-Context: TypeAlias = grpc.aio.ServicerContext["Request | MalformedRequest", "Response | bytes"]
+CheckRequest = image_share_pb2.CheckImageShareRequest
+CheckResponse = image_share_pb2.CheckImageShareResponse
+WatchRequest = image_share_pb2.WatchImageSharesRequest
+Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 Metadata: TypeAlias = Sequence[tuple[str, str | bytes]]
+M = TypeVar("M", Request, CheckRequest, WatchRequest)
 
 
 class MalformedRequest:
@@ -56,11 +82,19 @@ class MalformedRequest:
 MALFORMED = MalformedRequest()
 
 
-def deserialize_request(data: bytes) -> Request | MalformedRequest:
-    try:
-        return Request.FromString(data)
-    except Exception:  # DecodeError, and whatever else the runtime raises on garbage
-        return MALFORMED
+def deserializer(kind: type[M]) -> Callable[[bytes], M | MalformedRequest]:
+    """A request deserializer that hands the handler ``MALFORMED`` instead of raising."""
+
+    def deserialize(data: bytes) -> M | MalformedRequest:
+        try:
+            return kind.FromString(data)
+        except Exception:  # DecodeError, and whatever else the runtime raises on garbage
+            return MALFORMED
+
+    return deserialize
+
+
+deserialize_request = deserializer(Request)
 
 
 class ImageShareService:
@@ -68,11 +102,13 @@ class ImageShareService:
         self,
         source: ShareSource,
         *,
+        watches: WatchHub | None = None,
         max_concurrent: int = 1000,
         stall_timeout: float = 30.0,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._source = source
+        self._watches = watches
         self._max_concurrent = max_concurrent
         self._stall_timeout = stall_timeout
         self._clock = clock
@@ -138,6 +174,85 @@ class ImageShareService:
             # A read's own list (every attempt, failed ones too) is set by the source.
             fields.setdefault("upstream_request_ids", request_ids)
 
+    async def CheckImageShare(
+        self, request: CheckRequest | MalformedRequest, context: Context
+    ) -> CheckResponse | None:
+        call = _Call(context, self._stall_timeout, self._clock)
+        if isinstance(request, MalformedRequest):
+            call.fields["error"] = "malformed request"
+            call.fail(status.to_status(MalformedRequestError()))
+            return None
+        if self._active >= self._max_concurrent:
+            call.fail(status.to_status(OverloadedError(self._max_concurrent)))
+            return None
+        self._active += 1
+        try:
+            return await self._check(request, call)
+        finally:
+            self._active -= 1
+
+    async def _check(self, request: CheckRequest, call: _Call) -> CheckResponse | None:
+        fields = call.fields
+        try:
+            check = validate_check(request)
+            key = check.query.key
+            fields.update(region=key.region_id, image=key.image_id)
+            remaining = call.context.time_remaining()
+            deadline = None if remaining is None else self._clock.monotonic() + remaining
+            answer = await read_whole(
+                self._source, check.query, deadline=deadline, caller=_peer(call.context)
+            )
+            call.announce(answer.cache_status, answer.read_time, answer.entry is not None)
+            fields["upstream_request_ids"] = list(answer.request_ids)
+            response = check_response(answer, self._find(answer, check), self._clock)
+            fields["shared"] = response.shared
+            return response
+        except asyncio.CancelledError:
+            raise
+        except ImageShareError as exc:
+            fields.setdefault("error", str(exc))
+            call.fail(status.to_status(exc))
+        except Exception:
+            log.exception("unexpected error in CheckImageShare")
+            call.fail(status.internal_error())
+        return None
+
+    def _find(self, answer: ShareAnswer, check: CheckQuery) -> Account | None:
+        """The account in the list: one lookup in a cached entry's index, else one scan of
+        the list just read (which cost the read anyway)."""
+        if answer.entry is not None:
+            return self._source.index(answer.entry).get(check.aliyun_id)
+        return next((a for a in answer.accounts if a.aliyun_id == check.aliyun_id), None)
+
+    async def WatchImageShares(
+        self, request: WatchRequest | MalformedRequest, context: Context
+    ) -> None:
+        call = _Call(context, self._stall_timeout, self._clock)
+        if isinstance(request, MalformedRequest):
+            call.fields["error"] = "malformed request"
+            call.fail(status.to_status(MalformedRequestError()))
+            return
+        fields = call.fields
+        fields["messages"] = 0
+        try:
+            key = validate_watch(request)
+            fields.update(region=key.region_id, image=key.image_id)
+            if self._watches is None:
+                raise ShuttingDownError()
+            with self._watches.watch(key) as watcher:
+                while True:
+                    event = await watcher.next()
+                    await call.write(watch_message(event, key))
+                    fields["messages"] += 1
+        except asyncio.CancelledError:
+            raise
+        except ImageShareError as exc:
+            fields.setdefault("error", str(exc))
+            call.fail(status.to_status(exc))
+        except Exception:
+            log.exception("unexpected error in WatchImageShares")
+            call.fail(status.internal_error())
+
 
 class _Call:
     """One call's context, its log fields, and the trailing metadata it builds up."""
@@ -152,6 +267,7 @@ class _Call:
         self.trailing: list[tuple[str, str | bytes]] = []
 
     async def write(self, message: Response | bytes) -> None:
+        """Hand ``message`` to the transport, or ``StreamStalledError`` after the stall timeout."""
         try:
             async with asyncio.timeout(self.stall_timeout):
                 await self.context.write(message)
@@ -182,7 +298,7 @@ def _peer(context: Context) -> str:
         return ""
 
 
-def _serialize(message: Response | bytes) -> bytes:
+def _serialize(message: Response | CheckResponse | bytes) -> bytes:
     return message if isinstance(message, bytes) else message.SerializeToString()
 
 
@@ -194,7 +310,17 @@ def add_to_server(service: ImageShareService, server: grpc.aio.Server) -> None:
                 service.ListImageShares,
                 request_deserializer=deserialize_request,
                 response_serializer=_serialize,
-            )
+            ),
+            "CheckImageShare": grpc.unary_unary_rpc_method_handler(
+                service.CheckImageShare,
+                request_deserializer=deserializer(CheckRequest),
+                response_serializer=_serialize,
+            ),
+            "WatchImageShares": grpc.unary_stream_rpc_method_handler(
+                service.WatchImageShares,
+                request_deserializer=deserializer(WatchRequest),
+                response_serializer=_serialize,
+            ),
         },
     )
     server.add_generic_rpc_handlers((handler,))

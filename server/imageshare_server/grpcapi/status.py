@@ -36,7 +36,9 @@ from imageshare_server.core.errors import (
     OverloadedError,
     RateLimitedError,
     ShareListTooLargeError,
+    ShuttingDownError,
     StreamStalledError,
+    TooManyWatchersError,
     UpstreamApiError,
     UpstreamBusyError,
     UpstreamTransportError,
@@ -46,6 +48,8 @@ SERVICE_DOMAIN = "imageshare.v1"
 UPSTREAM_DOMAIN = "ecs.aliyuncs.com"
 DEFAULT_THROTTLE_RETRY_DELAY = 1.0
 BUSY_RETRY_DELAY = 0.1
+# A watch slot frees when another watch ends: not within milliseconds.
+WATCHERS_RETRY_DELAY = 5.0
 
 
 def aip193_reason(code: str) -> str:
@@ -224,6 +228,20 @@ def _stalled(error: StreamStalledError) -> grpc.Status:
     return _status(grpc.StatusCode.UNAVAILABLE, str(error), _info("STREAM_STALLED"))
 
 
+def _too_many_watchers(error: TooManyWatchersError) -> grpc.Status:
+    return _status(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"the server has its limit of {error.limit} watches open; retry with backoff, "
+        "or watch from another replica",
+        _info("TOO_MANY_WATCHERS", limit=str(error.limit)),
+        _retry_info(WATCHERS_RETRY_DELAY),
+    )
+
+
+def _shutting_down(error: ShuttingDownError) -> grpc.Status:
+    return _status(grpc.StatusCode.UNAVAILABLE, str(error), _info("SHUTTING_DOWN"))
+
+
 def internal_error() -> grpc.Status:
     return _status(grpc.StatusCode.INTERNAL, "internal error", _info("INTERNAL"))
 
@@ -241,6 +259,8 @@ _TABLE: dict[type[ImageShareError], Callable[[Any], grpc.Status]] = {
     UpstreamBusyError: _busy,
     OverloadedError: _overloaded,
     StreamStalledError: _stalled,
+    TooManyWatchersError: _too_many_watchers,
+    ShuttingDownError: _shutting_down,
 }
 
 

@@ -1,14 +1,18 @@
 """Request validation: everything a caller sends is checked before any upstream call.
 
 The rules themselves live in ``core.rules``; this module applies them to
-the protobuf request and names every field that breaks one.
+the protobuf requests and names every field that breaks one.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from imageshare.v1 import image_share_pb2
 from imageshare_server.core.errors import FieldViolation, InvalidRequestError
 from imageshare_server.core.rules import (
+    ALIYUN_ID_PATTERN,
+    ALIYUN_ID_RULE,
     DEFAULT_PAGE_SIZE,
     IMAGE_PATTERN,
     IMAGE_RULE,
@@ -21,19 +25,34 @@ from imageshare_server.core.rules import (
 from imageshare_server.core.types import ShareKey, ShareQuery
 
 
+@dataclass(frozen=True, slots=True)
+class CheckQuery:
+    """A validated CheckImageShare request: the list to read and the account to look up."""
+
+    query: ShareQuery
+    aliyun_id: str
+
+
+def _key(
+    region_id: str, image_id: str, owner_account: str, violations: list[FieldViolation]
+) -> ShareKey:
+    if not region_id:
+        violations.append(FieldViolation("region_id", "required, e.g. cn-hangzhou"))
+    elif not is_region_id(region_id):
+        violations.append(FieldViolation("region_id", f"must be {REGION_RULE}"))
+    if not image_id:
+        violations.append(FieldViolation("image_id", "required, e.g. m-bp1caf3yicx5jlfl0000"))
+    elif not IMAGE_PATTERN.fullmatch(image_id):
+        violations.append(FieldViolation("image_id", f"must be {IMAGE_RULE}"))
+    if owner_account and not OWNER_ACCOUNT_PATTERN.fullmatch(owner_account):
+        violations.append(FieldViolation("owner_account", f"must be {OWNER_ACCOUNT_RULE}"))
+    return ShareKey(region_id, image_id, owner_account)
+
+
 def validate(request: image_share_pb2.ListImageSharesRequest) -> ShareQuery:
     """Return the validated query or raise ``InvalidRequestError`` naming every bad field."""
     violations: list[FieldViolation] = []
-    if not request.region_id:
-        violations.append(FieldViolation("region_id", "required, e.g. cn-hangzhou"))
-    elif not is_region_id(request.region_id):
-        violations.append(FieldViolation("region_id", f"must be {REGION_RULE}"))
-    if not request.image_id:
-        violations.append(FieldViolation("image_id", "required, e.g. m-bp1caf3yicx5jlfl0000"))
-    elif not IMAGE_PATTERN.fullmatch(request.image_id):
-        violations.append(FieldViolation("image_id", f"must be {IMAGE_RULE}"))
-    if request.owner_account and not OWNER_ACCOUNT_PATTERN.fullmatch(request.owner_account):
-        violations.append(FieldViolation("owner_account", f"must be {OWNER_ACCOUNT_RULE}"))
+    key = _key(request.region_id, request.image_id, request.owner_account, violations)
     if not 0 <= request.page_size <= MAX_PAGE_SIZE:
         violations.append(
             FieldViolation(
@@ -43,7 +62,30 @@ def validate(request: image_share_pb2.ListImageSharesRequest) -> ShareQuery:
     if violations:
         raise InvalidRequestError(violations)
     return ShareQuery(
-        key=ShareKey(request.region_id, request.image_id, request.owner_account),
+        key=key,
         page_size=request.page_size or DEFAULT_PAGE_SIZE,
         bypass_cache=request.bypass_cache,
     )
+
+
+def validate_check(request: image_share_pb2.CheckImageShareRequest) -> CheckQuery:
+    """The validated check, or ``InvalidRequestError`` naming every bad field."""
+    violations: list[FieldViolation] = []
+    key = _key(request.region_id, request.image_id, request.owner_account, violations)
+    if not request.aliyun_id:
+        violations.append(FieldViolation("aliyun_id", "required, e.g. 1234567890123456"))
+    elif not ALIYUN_ID_PATTERN.fullmatch(request.aliyun_id):
+        violations.append(FieldViolation("aliyun_id", f"must be {ALIYUN_ID_RULE}"))
+    if violations:
+        raise InvalidRequestError(violations)
+    query = ShareQuery(key=key, page_size=MAX_PAGE_SIZE, bypass_cache=request.bypass_cache)
+    return CheckQuery(query, request.aliyun_id)
+
+
+def validate_watch(request: image_share_pb2.WatchImageSharesRequest) -> ShareKey:
+    """The validated key to watch, or ``InvalidRequestError`` naming every bad field."""
+    violations: list[FieldViolation] = []
+    key = _key(request.region_id, request.image_id, request.owner_account, violations)
+    if violations:
+        raise InvalidRequestError(violations)
+    return key

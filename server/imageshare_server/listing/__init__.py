@@ -15,7 +15,14 @@ from imageshare_server.listing.flight import (
     UpstreamOnly,
 )
 from imageshare_server.listing.snapshot import SnapshotChecker, page_count
-from imageshare_server.listing.source import ShareChunk, SharedShareSource, SharedTier, ShareSource
+from imageshare_server.listing.source import (
+    ShareAnswer,
+    ShareChunk,
+    SharedShareSource,
+    SharedTier,
+    ShareSource,
+    read_whole,
+)
 
 __all__ = [
     "Flight",
@@ -23,6 +30,7 @@ __all__ = [
     "FlightSpec",
     "PageReader",
     "ReadStrategy",
+    "ShareAnswer",
     "ShareChunk",
     "ShareSource",
     "SharedShareSource",
@@ -30,4 +38,5 @@ __all__ = [
     "SnapshotChecker",
     "UpstreamOnly",
     "page_count",
+    "read_whole",
 ]

@@ -13,6 +13,11 @@ single-flight upstream reads:
 * otherwise, or with ``bypass_cache``: follow the read in flight for the key
   (COALESCED) or start one (MISS / BYPASS). The result refreshes the entry.
 
+``read_whole`` collects a stream into one ``ShareAnswer`` (what a check
+needs), and ``index`` gives a cached list's accounts by id. ``poll`` is how
+a watch reads: a list read after a given time, from the cache, a read in
+flight or a new read, never a fresh entry older than that.
+
 A read whose callers have all gone goes on only as a cache fill, and only
 ``max_orphan_reads`` of those at a time (background refreshes included):
 the rest are cancelled, so callers who give up cannot keep spending quota.
@@ -35,7 +40,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -107,6 +112,79 @@ class ShareSource(Protocol):
         """The serialized messages of a cached list at ``page_size`` (built once, then kept)."""
         ...
 
+    def index(self, entry: CacheEntry) -> Mapping[str, Account]:
+        """The accounts of a cached list by id (built once per entry, then kept)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ShareAnswer:
+    """A whole share list as one call got it: from the cache (``entry``) or a read."""
+
+    key: ShareKey
+    accounts: tuple[Account, ...]
+    share_groups: tuple[str, ...]
+    request_ids: tuple[str, ...]
+    cache_status: CacheStatus | None
+    read_time: float
+    entry: CacheEntry | None = None
+
+    @property
+    def total_count(self) -> int:
+        return len(self.accounts)
+
+    def shares(self, clock: Clock) -> ShareList:
+        """The answer as a ``ShareList`` (its monotonic read time derived from its age)."""
+        if self.entry is not None and self.entry.shares is not None:
+            return self.entry.shares
+        age = max(0.0, clock.time() - self.read_time)
+        return ShareList(
+            key=self.key,
+            accounts=self.accounts,
+            share_groups=self.share_groups,
+            request_ids=self.request_ids,
+            read_time=self.read_time,
+            read_monotonic=clock.monotonic() - age,
+        )
+
+
+async def read_whole(
+    source: ShareSource, query: ShareQuery, *, deadline: float | None, caller: str = ""
+) -> ShareAnswer:
+    """The whole list of ``query.key``, as ``source.stream`` serves it (cache, single-flight,
+    stale fallbacks and errors alike)."""
+    accounts: list[Account] = []
+    groups: Sequence[str] | None = None
+    request_ids: list[str] = []
+    status: CacheStatus | None = None
+    read_time = 0.0
+    async for chunk in source.stream(query, deadline=deadline, caller=caller):
+        entry = chunk.entry
+        if entry is not None and entry.shares is not None:
+            # A cached list comes whole, in one chunk, and nothing before it.
+            shares = entry.shares
+            return ShareAnswer(
+                query.key,
+                shares.accounts,
+                shares.share_groups,
+                (),
+                chunk.cache_status,
+                shares.read_time,
+                entry,
+            )
+        if groups is None:
+            groups, status, read_time = chunk.share_groups, chunk.cache_status, chunk.read_time
+        accounts.extend(chunk.accounts)
+        request_ids.extend(chunk.request_ids)
+    return ShareAnswer(
+        query.key,
+        tuple(accounts),
+        tuple(groups or ()),
+        tuple(request_ids),
+        status,
+        read_time,
+    )
+
 
 class SharedTier(Protocol):
     """A cache and read coordination shared by every replica (the Redis tier)."""
@@ -166,6 +244,9 @@ class SharedShareSource:
         self, entry: CacheEntry, page_size: int, build: Callable[[], list[bytes]]
     ) -> list[bytes]:
         return self._cache.messages(entry, page_size, build)
+
+    def index(self, entry: CacheEntry) -> Mapping[str, Account]:
+        return self._cache.index(entry)
 
     @property
     def flights(self) -> int:
@@ -292,6 +373,38 @@ class SharedShareSource:
         if deadline is not None:
             follow_until = deadline - min(MARGIN_SECONDS, (deadline - now) / 5)
         return _Plan(flight=flight, status=status, fallback=fallback, follow_until=follow_until)
+
+    async def poll(self, key: ShareKey, *, newer_than: float, caller: str = "") -> ShareList:
+        """A list of ``key`` read after ``newer_than`` (wall clock), at the least cost.
+
+        The in-process entry when it was read since; else the read in flight
+        for the key (a listing's, or another poll's); else a new read, which
+        with a shared tier first takes a list another replica read since
+        ``newer_than``, or leads the read for every replica. The read refreshes
+        the cache like any other; an image known not to exist (a negative entry)
+        is not read again before its entry expires.
+        """
+        entry = self._cache.get(key)
+        if entry is not None:
+            if entry.error is not None:
+                raise UpstreamApiError.from_data(entry.error)
+            if entry.shares is not None and entry.shares.read_time > newer_than:
+                return entry.shares
+        shares = entry.shares if entry is not None else None
+        spec = FlightSpec(
+            key,
+            expected_total=shares.total_count if shares is not None else None,
+            newer_than=newer_than,
+        )
+        flight, _ = self._flight(spec)
+        pages = flight.follow(None, caller)
+        try:
+            async for _ in pages:
+                pass
+        finally:
+            await pages.aclose()
+        assert flight.result is not None  # follow ends normally only with a result
+        return flight.result
 
     def _counted(self, span: Span, result: str) -> None:
         self._metrics.cache_requests.labels(result).inc()

@@ -1,7 +1,7 @@
 """Prometheus metrics that only this service can export, as one object on a registry.
 
 The gRPC server metrics (``grpc_server_*``) live in ``grpc_metrics``; this
-module holds the upstream, cache, Redis and build metrics. Nothing is
+module holds the upstream, cache, watch, Redis and build metrics. Nothing is
 registered at import: ``ServiceMetrics(registry)`` creates them on the
 registry it is given (client_python's ``registry=`` idiom), so two apps in
 one process, or a test, each get their own. Label values are bounded: no
@@ -31,6 +31,13 @@ from imageshare_server.core.errors import (
     SERVER_CODES,
     THROTTLING_CODES,
 )
+
+# Label values of the watch metrics, created at zero so that increase() sees the first one.
+SHARE_CHANGES = (
+    "account_added", "account_removed", "group_added", "group_removed",
+    "became_public", "became_private",
+)  # fmt: skip
+POLL_OUTCOMES = ("changed", "unchanged", "failed", "ended")
 
 # 1 ms .. 30 s: loopback cache hits at the bottom, a slow upstream with
 # retries at the top.
@@ -172,6 +179,34 @@ class ServiceMetrics:
             "Callers that joined an upstream read already under way instead of starting one.",
             registry=registry,
         )
+        self.watchers = Gauge(
+            "imageshare_watchers",
+            "WatchImageShares streams open.",
+            registry=registry,
+        )
+        self.watched_images = Gauge(
+            "imageshare_watched_images",
+            "Share lists polled for watchers (one poller per image, however many watch it).",
+            registry=registry,
+        )
+        self.watch_polls = Counter(
+            "imageshare_watch_polls_total",
+            "Polls of watched share lists, by outcome: changed, unchanged, failed (nothing "
+            "sent, the watch goes on), ended (the image is gone or forbidden: its watches end).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.share_changes = Counter(
+            "imageshare_share_changes_total",
+            "Changes seen in watched share lists: account_added, account_removed, group_added, "
+            "group_removed (one per account or group), became_public, became_private.",
+            ["change"],
+            registry=registry,
+        )
+        for change in SHARE_CHANGES:
+            self.share_changes.labels(change)
+        for outcome in POLL_OUTCOMES:
+            self.watch_polls.labels(outcome)
         self.redis_up = Gauge(
             "imageshare_redis_up",
             "1 while the shared Redis answers (or none is configured); 0 while replicas "

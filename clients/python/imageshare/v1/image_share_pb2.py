@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fimageshare/v1/image_share.proto\x12\rimageshare.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"}\n\x16ListImageSharesRequest\x12\x11\n\tregion_id\x18\x01 \x01(\t\x12\x10\n\x08image_id\x18\x02 \x01(\t\x12\x15\n\rowner_account\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x14\n\x0c\x62ypass_cache\x18\x05 \x01(\x08\"\xe1\x02\n\x17ListImageSharesResponse\x12.\n\x08\x61\x63\x63ounts\x18\x01 \x03(\x0b\x32\x1c.imageshare.v1.SharedAccount\x12/\n\x0cshare_groups\x18\x02 \x03(\x0b\x32\x19.imageshare.v1.ShareGroup\x12\x13\n\x0btotal_count\x18\x03 \x01(\x05\x12\x11\n\tregion_id\x18\x04 \x01(\t\x12\x10\n\x08image_id\x18\x05 \x01(\t\x12\x1c\n\x14upstream_request_ids\x18\x06 \x03(\t\x12\x30\n\x0c\x63\x61\x63he_status\x18\x07 \x01(\x0e\x32\x1a.imageshare.v1.CacheStatus\x12,\n\tcache_age\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\tread_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"S\n\rSharedAccount\x12\x11\n\taliyun_id\x18\x01 \x01(\t\x12/\n\x0bshared_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x1b\n\nShareGroup\x12\r\n\x05group\x18\x01 \x01(\t*\xa5\x01\n\x0b\x43\x61\x63heStatus\x12\x1c\n\x18\x43\x41\x43HE_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43\x41\x43HE_STATUS_MISS\x10\x01\x12\x14\n\x10\x43\x41\x43HE_STATUS_HIT\x10\x02\x12\x16\n\x12\x43\x41\x43HE_STATUS_STALE\x10\x03\x12\x17\n\x13\x43\x41\x43HE_STATUS_BYPASS\x10\x04\x12\x1a\n\x16\x43\x41\x43HE_STATUS_COALESCED\x10\x05\x32w\n\x11ImageShareService\x12\x62\n\x0fListImageShares\x12%.imageshare.v1.ListImageSharesRequest\x1a&.imageshare.v1.ListImageSharesResponse0\x01\x42T\n\x11\x63om.imageshare.v1B\x0fImageShareProtoP\x01Z,imageshare/gen/go/imageshare/v1;imagesharev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fimageshare/v1/image_share.proto\x12\rimageshare.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"}\n\x16ListImageSharesRequest\x12\x11\n\tregion_id\x18\x01 \x01(\t\x12\x10\n\x08image_id\x18\x02 \x01(\t\x12\x15\n\rowner_account\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x14\n\x0c\x62ypass_cache\x18\x05 \x01(\x08\"\xe1\x02\n\x17ListImageSharesResponse\x12.\n\x08\x61\x63\x63ounts\x18\x01 \x03(\x0b\x32\x1c.imageshare.v1.SharedAccount\x12/\n\x0cshare_groups\x18\x02 \x03(\x0b\x32\x19.imageshare.v1.ShareGroup\x12\x13\n\x0btotal_count\x18\x03 \x01(\x05\x12\x11\n\tregion_id\x18\x04 \x01(\t\x12\x10\n\x08image_id\x18\x05 \x01(\t\x12\x1c\n\x14upstream_request_ids\x18\x06 \x03(\t\x12\x30\n\x0c\x63\x61\x63he_status\x18\x07 \x01(\x0e\x32\x1a.imageshare.v1.CacheStatus\x12,\n\tcache_age\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\tread_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"}\n\x16\x43heckImageShareRequest\x12\x11\n\tregion_id\x18\x01 \x01(\t\x12\x10\n\x08image_id\x18\x02 \x01(\t\x12\x15\n\rowner_account\x18\x03 \x01(\t\x12\x11\n\taliyun_id\x18\x04 \x01(\t\x12\x14\n\x0c\x62ypass_cache\x18\x05 \x01(\x08\"\xc2\x02\n\x17\x43heckImageShareResponse\x12\x0e\n\x06shared\x18\x01 \x01(\x08\x12$\n\x03via\x18\x02 \x01(\x0e\x32\x17.imageshare.v1.ShareVia\x12/\n\x0bshared_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x63\x61\x63he_status\x18\x04 \x01(\x0e\x32\x1a.imageshare.v1.CacheStatus\x12-\n\tread_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\tcache_age\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0btotal_count\x18\x07 \x01(\x05\x12\x1c\n\x14upstream_request_ids\x18\x08 \x03(\t\"U\n\x17WatchImageSharesRequest\x12\x11\n\tregion_id\x18\x01 \x01(\t\x12\x10\n\x08image_id\x18\x02 \x01(\t\x12\x15\n\rowner_account\x18\x03 \x01(\t\"\xb0\x02\n\x18WatchImageSharesResponse\x12\x10\n\x08snapshot\x18\x01 \x01(\x08\x12.\n\x08\x61\x63\x63ounts\x18\x02 \x03(\x0b\x32\x1c.imageshare.v1.SharedAccount\x12\x1a\n\x12removed_aliyun_ids\x18\x03 \x03(\t\x12/\n\x0cshare_groups\x18\x04 \x03(\x0b\x32\x19.imageshare.v1.ShareGroup\x12\x1c\n\x14removed_share_groups\x18\x05 \x03(\t\x12\x13\n\x0btotal_count\x18\x06 \x01(\x05\x12-\n\tread_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tregion_id\x18\x08 \x01(\t\x12\x10\n\x08image_id\x18\t \x01(\t\"S\n\rSharedAccount\x12\x11\n\taliyun_id\x18\x01 \x01(\t\x12/\n\x0bshared_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x1b\n\nShareGroup\x12\r\n\x05group\x18\x01 \x01(\t*R\n\x08ShareVia\x12\x19\n\x15SHARE_VIA_UNSPECIFIED\x10\x00\x12\x15\n\x11SHARE_VIA_ACCOUNT\x10\x01\x12\x14\n\x10SHARE_VIA_PUBLIC\x10\x02*\xa5\x01\n\x0b\x43\x61\x63heStatus\x12\x1c\n\x18\x43\x41\x43HE_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43\x41\x43HE_STATUS_MISS\x10\x01\x12\x14\n\x10\x43\x41\x43HE_STATUS_HIT\x10\x02\x12\x16\n\x12\x43\x41\x43HE_STATUS_STALE\x10\x03\x12\x17\n\x13\x43\x41\x43HE_STATUS_BYPASS\x10\x04\x12\x1a\n\x16\x43\x41\x43HE_STATUS_COALESCED\x10\x05\x32\xc0\x02\n\x11ImageShareService\x12\x62\n\x0fListImageShares\x12%.imageshare.v1.ListImageSharesRequest\x1a&.imageshare.v1.ListImageSharesResponse0\x01\x12`\n\x0f\x43heckImageShare\x12%.imageshare.v1.CheckImageShareRequest\x1a&.imageshare.v1.CheckImageShareResponse\x12\x65\n\x10WatchImageShares\x12&.imageshare.v1.WatchImageSharesRequest\x1a\'.imageshare.v1.WatchImageSharesResponse0\x01\x42T\n\x11\x63om.imageshare.v1B\x0fImageShareProtoP\x01Z,imageshare/gen/go/imageshare/v1;imagesharev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,16 +34,26 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'imageshare.v1.image_share_p
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\021com.imageshare.v1B\017ImageShareProtoP\001Z,imageshare/gen/go/imageshare/v1;imagesharev1'
-  _globals['_CACHESTATUS']._serialized_start=713
-  _globals['_CACHESTATUS']._serialized_end=878
+  _globals['_SHAREVIA']._serialized_start=1558
+  _globals['_SHAREVIA']._serialized_end=1640
+  _globals['_CACHESTATUS']._serialized_start=1643
+  _globals['_CACHESTATUS']._serialized_end=1808
   _globals['_LISTIMAGESHARESREQUEST']._serialized_start=115
   _globals['_LISTIMAGESHARESREQUEST']._serialized_end=240
   _globals['_LISTIMAGESHARESRESPONSE']._serialized_start=243
   _globals['_LISTIMAGESHARESRESPONSE']._serialized_end=596
-  _globals['_SHAREDACCOUNT']._serialized_start=598
-  _globals['_SHAREDACCOUNT']._serialized_end=681
-  _globals['_SHAREGROUP']._serialized_start=683
-  _globals['_SHAREGROUP']._serialized_end=710
-  _globals['_IMAGESHARESERVICE']._serialized_start=880
-  _globals['_IMAGESHARESERVICE']._serialized_end=999
+  _globals['_CHECKIMAGESHAREREQUEST']._serialized_start=598
+  _globals['_CHECKIMAGESHAREREQUEST']._serialized_end=723
+  _globals['_CHECKIMAGESHARERESPONSE']._serialized_start=726
+  _globals['_CHECKIMAGESHARERESPONSE']._serialized_end=1048
+  _globals['_WATCHIMAGESHARESREQUEST']._serialized_start=1050
+  _globals['_WATCHIMAGESHARESREQUEST']._serialized_end=1135
+  _globals['_WATCHIMAGESHARESRESPONSE']._serialized_start=1138
+  _globals['_WATCHIMAGESHARESRESPONSE']._serialized_end=1442
+  _globals['_SHAREDACCOUNT']._serialized_start=1444
+  _globals['_SHAREDACCOUNT']._serialized_end=1527
+  _globals['_SHAREGROUP']._serialized_start=1529
+  _globals['_SHAREGROUP']._serialized_end=1556
+  _globals['_IMAGESHARESERVICE']._serialized_start=1811
+  _globals['_IMAGESHARESERVICE']._serialized_end=2131
 # @@protoc_insertion_point(module_scope)

@@ -3,10 +3,12 @@
 isort:skip_file
 The imageshare API: who is a custom Alibaba Cloud ECS image shared with?
 
-One server-streaming RPC answers it. The service pages through the ECS
-OpenAPI action DescribeImageSharePermission on the caller's behalf, signs
-the calls with its own credentials, caches and coalesces them, and streams
-the complete, de-duplicated share list back.
+ListImageShares answers it. The service pages through the ECS OpenAPI
+action DescribeImageSharePermission on the caller's behalf, signs the calls
+with its own credentials, caches and coalesces them, and streams the
+complete, de-duplicated share list back. CheckImageShare answers whether one
+account may launch an image; WatchImageShares streams the list and then
+every change to it.
 """
 
 from collections import abc as _abc
@@ -26,6 +28,30 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ShareVia:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ShareViaEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ShareVia.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SHARE_VIA_UNSPECIFIED: _ShareVia.ValueType  # 0
+    """Not shared (or a server older than this field)."""
+    SHARE_VIA_ACCOUNT: _ShareVia.ValueType  # 1
+    """The account is in the image's share list."""
+    SHARE_VIA_PUBLIC: _ShareVia.ValueType  # 2
+    """The image is public: shared with group "all", so with every account."""
+
+class ShareVia(_ShareVia, metaclass=_ShareViaEnumTypeWrapper):
+    """ShareVia says how an account may launch an image."""
+
+SHARE_VIA_UNSPECIFIED: ShareVia.ValueType  # 0
+"""Not shared (or a server older than this field)."""
+SHARE_VIA_ACCOUNT: ShareVia.ValueType  # 1
+"""The account is in the image's share list."""
+SHARE_VIA_PUBLIC: ShareVia.ValueType  # 2
+"""The image is public: shared with group "all", so with every account."""
+Global___ShareVia: _TypeAlias = ShareVia  # noqa: Y015
 
 class _CacheStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -191,6 +217,223 @@ class ListImageSharesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListImageSharesResponse: _TypeAlias = ListImageSharesResponse  # noqa: Y015
+
+@_typing.final
+class CheckImageShareRequest(_message.Message):
+    """CheckImageShareRequest asks whether one account may launch one custom image."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGION_ID_FIELD_NUMBER: _builtins.int
+    IMAGE_ID_FIELD_NUMBER: _builtins.int
+    OWNER_ACCOUNT_FIELD_NUMBER: _builtins.int
+    ALIYUN_ID_FIELD_NUMBER: _builtins.int
+    BYPASS_CACHE_FIELD_NUMBER: _builtins.int
+    region_id: _builtins.str
+    """Region of the image, e.g. "cn-hangzhou". Required; the rule of
+    ListImageSharesRequest.region_id.
+    """
+    image_id: _builtins.str
+    """Custom image id, e.g. "m-bp1caf3yicx5jlfl0000". Required;
+    `^m-[A-Za-z0-9]{1,62}$`.
+    """
+    owner_account: _builtins.str
+    """Optional RAM user login name passed to the upstream as OwnerAccount, as
+    in ListImageSharesRequest. Part of the cache key.
+    """
+    aliyun_id: _builtins.str
+    """The Alibaba Cloud account id to check, e.g. "1234567890123456". Required:
+    1 to 32 digits.
+    """
+    bypass_cache: _builtins.bool
+    """Skip the cache and read the upstream now, as in ListImageSharesRequest."""
+    def __init__(
+        self,
+        *,
+        region_id: _builtins.str = ...,
+        image_id: _builtins.str = ...,
+        owner_account: _builtins.str = ...,
+        aliyun_id: _builtins.str = ...,
+        bypass_cache: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliyun_id", b"aliyun_id", "bypass_cache", b"bypass_cache", "image_id", b"image_id", "owner_account", b"owner_account", "region_id", b"region_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckImageShareRequest: _TypeAlias = CheckImageShareRequest  # noqa: Y015
+
+@_typing.final
+class CheckImageShareResponse(_message.Message):
+    """CheckImageShareResponse says whether and how the account may launch the image."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHARED_FIELD_NUMBER: _builtins.int
+    VIA_FIELD_NUMBER: _builtins.int
+    SHARED_TIME_FIELD_NUMBER: _builtins.int
+    CACHE_STATUS_FIELD_NUMBER: _builtins.int
+    READ_TIME_FIELD_NUMBER: _builtins.int
+    CACHE_AGE_FIELD_NUMBER: _builtins.int
+    TOTAL_COUNT_FIELD_NUMBER: _builtins.int
+    UPSTREAM_REQUEST_IDS_FIELD_NUMBER: _builtins.int
+    shared: _builtins.bool
+    """True when the account may launch the image: it is in the share list, or
+    the image is public.
+    """
+    via: Global___ShareVia.ValueType
+    """How: ACCOUNT when the account is in the list (even if the image is also
+    public), else PUBLIC when the image is shared with group "all";
+    UNSPECIFIED when shared is false.
+    """
+    cache_status: Global___CacheStatus.ValueType
+    """Where the list the answer comes from came from."""
+    total_count: _builtins.int
+    """Number of accounts the image is shared with (upstream TotalCount)."""
+    @_builtins.property
+    def shared_time(self) -> _timestamp_pb2.Timestamp:
+        """When the image was shared with the account (via ACCOUNT); unset
+        otherwise, or when the upstream does not say.
+        """
+
+    @_builtins.property
+    def read_time(self) -> _timestamp_pb2.Timestamp:
+        """When that list's first upstream page was read."""
+
+    @_builtins.property
+    def cache_age(self) -> _duration_pb2.Duration:
+        """Age of that list: time since read_time. Zero for a fresh read."""
+
+    @_builtins.property
+    def upstream_request_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Upstream RequestIds of the calls made for this answer (empty when
+        served from cache).
+        """
+
+    def __init__(
+        self,
+        *,
+        shared: _builtins.bool = ...,
+        via: Global___ShareVia.ValueType = ...,
+        shared_time: _timestamp_pb2.Timestamp | None = ...,
+        cache_status: Global___CacheStatus.ValueType = ...,
+        read_time: _timestamp_pb2.Timestamp | None = ...,
+        cache_age: _duration_pb2.Duration | None = ...,
+        total_count: _builtins.int = ...,
+        upstream_request_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cache_age", b"cache_age", "read_time", b"read_time", "shared_time", b"shared_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_age", b"cache_age", "cache_status", b"cache_status", "read_time", b"read_time", "shared", b"shared", "shared_time", b"shared_time", "total_count", b"total_count", "upstream_request_ids", b"upstream_request_ids", "via", b"via"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckImageShareResponse: _TypeAlias = CheckImageShareResponse  # noqa: Y015
+
+@_typing.final
+class WatchImageSharesRequest(_message.Message):
+    """WatchImageSharesRequest names one custom image to watch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGION_ID_FIELD_NUMBER: _builtins.int
+    IMAGE_ID_FIELD_NUMBER: _builtins.int
+    OWNER_ACCOUNT_FIELD_NUMBER: _builtins.int
+    region_id: _builtins.str
+    """Region of the image, e.g. "cn-hangzhou". Required; the rule of
+    ListImageSharesRequest.region_id.
+    """
+    image_id: _builtins.str
+    """Custom image id. Required; `^m-[A-Za-z0-9]{1,62}$`."""
+    owner_account: _builtins.str
+    """Optional RAM user login name passed to the upstream as OwnerAccount."""
+    def __init__(
+        self,
+        *,
+        region_id: _builtins.str = ...,
+        image_id: _builtins.str = ...,
+        owner_account: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image_id", b"image_id", "owner_account", b"owner_account", "region_id", b"region_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchImageSharesRequest: _TypeAlias = WatchImageSharesRequest  # noqa: Y015
+
+@_typing.final
+class WatchImageSharesResponse(_message.Message):
+    """WatchImageSharesResponse is the whole list (snapshot) or one change to it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    ACCOUNTS_FIELD_NUMBER: _builtins.int
+    REMOVED_ALIYUN_IDS_FIELD_NUMBER: _builtins.int
+    SHARE_GROUPS_FIELD_NUMBER: _builtins.int
+    REMOVED_SHARE_GROUPS_FIELD_NUMBER: _builtins.int
+    TOTAL_COUNT_FIELD_NUMBER: _builtins.int
+    READ_TIME_FIELD_NUMBER: _builtins.int
+    REGION_ID_FIELD_NUMBER: _builtins.int
+    IMAGE_ID_FIELD_NUMBER: _builtins.int
+    snapshot: _builtins.bool
+    """True on the first message of a stream, which carries the whole list in
+    accounts and share_groups; false on every later one.
+    """
+    total_count: _builtins.int
+    """Number of accounts the image is shared with after this message."""
+    region_id: _builtins.str
+    """Region of the image, echoed from the request."""
+    image_id: _builtins.str
+    """Image id, echoed from the request."""
+    @_builtins.property
+    def accounts(self) -> _containers.RepeatedCompositeFieldContainer[Global___SharedAccount]:
+        """Snapshot: every account. Change: accounts shared since the previous
+        message (or shared again, with a new shared_time), in upstream order.
+        """
+
+    @_builtins.property
+    def removed_aliyun_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Change: ids of the accounts no longer shared. Empty on a snapshot."""
+
+    @_builtins.property
+    def share_groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShareGroup]:
+        """Snapshot: every share group. Change: groups added ("all": the image
+        became public).
+        """
+
+    @_builtins.property
+    def removed_share_groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Change: groups removed ("all": the image is no longer public). Empty on
+        a snapshot.
+        """
+
+    @_builtins.property
+    def read_time(self) -> _timestamp_pb2.Timestamp:
+        """When the list this message brings the caller up to was read upstream."""
+
+    def __init__(
+        self,
+        *,
+        snapshot: _builtins.bool = ...,
+        accounts: _abc.Iterable[Global___SharedAccount] | None = ...,
+        removed_aliyun_ids: _abc.Iterable[_builtins.str] | None = ...,
+        share_groups: _abc.Iterable[Global___ShareGroup] | None = ...,
+        removed_share_groups: _abc.Iterable[_builtins.str] | None = ...,
+        total_count: _builtins.int = ...,
+        read_time: _timestamp_pb2.Timestamp | None = ...,
+        region_id: _builtins.str = ...,
+        image_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["read_time", b"read_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accounts", b"accounts", "image_id", b"image_id", "read_time", b"read_time", "region_id", b"region_id", "removed_aliyun_ids", b"removed_aliyun_ids", "removed_share_groups", b"removed_share_groups", "share_groups", b"share_groups", "snapshot", b"snapshot", "total_count", b"total_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchImageSharesResponse: _TypeAlias = WatchImageSharesResponse  # noqa: Y015
 
 @_typing.final
 class SharedAccount(_message.Message):

@@ -40,6 +40,16 @@ class ImageShareServiceStub:
                 request_serializer=imageshare_dot_v1_dot_image__share__pb2.ListImageSharesRequest.SerializeToString,
                 response_deserializer=imageshare_dot_v1_dot_image__share__pb2.ListImageSharesResponse.FromString,
                 _registered_method=True)
+        self.CheckImageShare = channel.unary_unary(
+                '/imageshare.v1.ImageShareService/CheckImageShare',
+                request_serializer=imageshare_dot_v1_dot_image__share__pb2.CheckImageShareRequest.SerializeToString,
+                response_deserializer=imageshare_dot_v1_dot_image__share__pb2.CheckImageShareResponse.FromString,
+                _registered_method=True)
+        self.WatchImageShares = channel.unary_stream(
+                '/imageshare.v1.ImageShareService/WatchImageShares',
+                request_serializer=imageshare_dot_v1_dot_image__share__pb2.WatchImageSharesRequest.SerializeToString,
+                response_deserializer=imageshare_dot_v1_dot_image__share__pb2.WatchImageSharesResponse.FromString,
+                _registered_method=True)
 
 
 class ImageShareServiceServicer:
@@ -94,6 +104,60 @@ class ImageShareServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckImageShare(self, request, context):
+        """CheckImageShare answers whether one account may launch the image: it is
+        in the share list (via ACCOUNT, with its shared_time), or the image is
+        public (via PUBLIC: shared with group "all"), or neither (shared false).
+
+        It reads the same list as ListImageShares, through the same cache,
+        single-flight, upstream rate limit and retries: a check of a cached image
+        costs no upstream call and is answered in constant time however long the
+        list is. Set a deadline as for ListImageShares (10 s). Errors are those of
+        ListImageShares (the same reasons), plus INVALID_ARGUMENT
+        (INVALID_REQUEST) naming aliyun_id when it is missing or not 1 to 32
+        digits; an invalid request never reaches the upstream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchImageShares(self, request, context):
+        """WatchImageShares streams the share list, then every change to it.
+
+        The first message has snapshot = true and the whole current list. Each
+        later message has snapshot = false and carries what changed since the
+        previous message; one is sent only when something changed. Apply the
+        removals, then the additions (an account shared again with a new
+        shared_time is in accounts again: replace it), in order, to the snapshot,
+        and you hold the set of accounts and groups the upstream had at
+        read_time.
+
+        The service reads the upstream every --watch-interval seconds (60 by
+        default) per watched image, once however many callers watch it (and once
+        for every replica when they share Redis), through the same rate limit,
+        retries and snapshot checks as ListImageShares; the reads refresh the
+        cache. A read that fails sends nothing and the watch goes on. Set no
+        deadline (a watch runs until it ends); open at most
+        --max-streams-per-connection (100) watches per channel.
+
+        The stream ends with:
+        NOT_FOUND           the image was deleted (or never existed).
+        PERMISSION_DENIED   the service may no longer read the image.
+        UNAVAILABLE         the server is shutting down (SHUTTING_DOWN), the
+        caller read nothing for the stall timeout
+        (STREAM_STALLED), or its connection reached its
+        maximum age: reconnect (to any replica) and take the
+        new snapshot; the Python and Node clients do, and
+        report what changed meanwhile.
+        RESOURCE_EXHAUSTED  the server has --max-watchers watches open
+        (TOO_MANY_WATCHERS, with RetryInfo).
+        INVALID_ARGUMENT    and the other errors of ListImageShares, when the
+        first read of the list fails.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ImageShareServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -101,6 +165,16 @@ def add_ImageShareServiceServicer_to_server(servicer, server):
                     servicer.ListImageShares,
                     request_deserializer=imageshare_dot_v1_dot_image__share__pb2.ListImageSharesRequest.FromString,
                     response_serializer=imageshare_dot_v1_dot_image__share__pb2.ListImageSharesResponse.SerializeToString,
+            ),
+            'CheckImageShare': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckImageShare,
+                    request_deserializer=imageshare_dot_v1_dot_image__share__pb2.CheckImageShareRequest.FromString,
+                    response_serializer=imageshare_dot_v1_dot_image__share__pb2.CheckImageShareResponse.SerializeToString,
+            ),
+            'WatchImageShares': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchImageShares,
+                    request_deserializer=imageshare_dot_v1_dot_image__share__pb2.WatchImageSharesRequest.FromString,
+                    response_serializer=imageshare_dot_v1_dot_image__share__pb2.WatchImageSharesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +205,60 @@ class ImageShareService:
             '/imageshare.v1.ImageShareService/ListImageShares',
             imageshare_dot_v1_dot_image__share__pb2.ListImageSharesRequest.SerializeToString,
             imageshare_dot_v1_dot_image__share__pb2.ListImageSharesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckImageShare(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imageshare.v1.ImageShareService/CheckImageShare',
+            imageshare_dot_v1_dot_image__share__pb2.CheckImageShareRequest.SerializeToString,
+            imageshare_dot_v1_dot_image__share__pb2.CheckImageShareResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchImageShares(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/imageshare.v1.ImageShareService/WatchImageShares',
+            imageshare_dot_v1_dot_image__share__pb2.WatchImageSharesRequest.SerializeToString,
+            imageshare_dot_v1_dot_image__share__pb2.WatchImageSharesResponse.FromString,
             options,
             channel_credentials,
             insecure,

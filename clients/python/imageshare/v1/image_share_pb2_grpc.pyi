@@ -3,10 +3,12 @@
 isort:skip_file
 The imageshare API: who is a custom Alibaba Cloud ECS image shared with?
 
-One server-streaming RPC answers it. The service pages through the ECS
-OpenAPI action DescribeImageSharePermission on the caller's behalf, signs
-the calls with its own credentials, caches and coalesces them, and streams
-the complete, de-duplicated share list back.
+ListImageShares answers it. The service pages through the ECS OpenAPI
+action DescribeImageSharePermission on the caller's behalf, signs the calls
+with its own credentials, caches and coalesces them, and streams the
+complete, de-duplicated share list back. CheckImageShare answers whether one
+account may launch an image; WatchImageShares streams the list and then
+every change to it.
 """
 
 from collections import abc as _abc
@@ -83,6 +85,52 @@ class ImageShareServiceStub:
       INTERNAL            the service's own credentials were rejected; the
                           caller did nothing wrong (page the owners).
     """
+    CheckImageShare: _grpc.UnaryUnaryMultiCallable[_image_share_pb2.CheckImageShareRequest, _image_share_pb2.CheckImageShareResponse]
+    """CheckImageShare answers whether one account may launch the image: it is
+    in the share list (via ACCOUNT, with its shared_time), or the image is
+    public (via PUBLIC: shared with group "all"), or neither (shared false).
+
+    It reads the same list as ListImageShares, through the same cache,
+    single-flight, upstream rate limit and retries: a check of a cached image
+    costs no upstream call and is answered in constant time however long the
+    list is. Set a deadline as for ListImageShares (10 s). Errors are those of
+    ListImageShares (the same reasons), plus INVALID_ARGUMENT
+    (INVALID_REQUEST) naming aliyun_id when it is missing or not 1 to 32
+    digits; an invalid request never reaches the upstream.
+    """
+    WatchImageShares: _grpc.UnaryStreamMultiCallable[_image_share_pb2.WatchImageSharesRequest, _image_share_pb2.WatchImageSharesResponse]
+    """WatchImageShares streams the share list, then every change to it.
+
+    The first message has snapshot = true and the whole current list. Each
+    later message has snapshot = false and carries what changed since the
+    previous message; one is sent only when something changed. Apply the
+    removals, then the additions (an account shared again with a new
+    shared_time is in accounts again: replace it), in order, to the snapshot,
+    and you hold the set of accounts and groups the upstream had at
+    read_time.
+
+    The service reads the upstream every --watch-interval seconds (60 by
+    default) per watched image, once however many callers watch it (and once
+    for every replica when they share Redis), through the same rate limit,
+    retries and snapshot checks as ListImageShares; the reads refresh the
+    cache. A read that fails sends nothing and the watch goes on. Set no
+    deadline (a watch runs until it ends); open at most
+    --max-streams-per-connection (100) watches per channel.
+
+    The stream ends with:
+      NOT_FOUND           the image was deleted (or never existed).
+      PERMISSION_DENIED   the service may no longer read the image.
+      UNAVAILABLE         the server is shutting down (SHUTTING_DOWN), the
+                          caller read nothing for the stall timeout
+                          (STREAM_STALLED), or its connection reached its
+                          maximum age: reconnect (to any replica) and take the
+                          new snapshot; the Python and Node clients do, and
+                          report what changed meanwhile.
+      RESOURCE_EXHAUSTED  the server has --max-watchers watches open
+                          (TOO_MANY_WATCHERS, with RetryInfo).
+      INVALID_ARGUMENT    and the other errors of ListImageShares, when the
+                          first read of the list fails.
+    """
 
 @_typing.type_check_only
 class ImageShareServiceAsyncStub(ImageShareServiceStub):
@@ -132,6 +180,52 @@ class ImageShareServiceAsyncStub(ImageShareServiceStub):
                           them), or any other upstream error code.
       INTERNAL            the service's own credentials were rejected; the
                           caller did nothing wrong (page the owners).
+    """
+    CheckImageShare: _aio.UnaryUnaryMultiCallable[_image_share_pb2.CheckImageShareRequest, _image_share_pb2.CheckImageShareResponse]  # type: ignore[assignment]
+    """CheckImageShare answers whether one account may launch the image: it is
+    in the share list (via ACCOUNT, with its shared_time), or the image is
+    public (via PUBLIC: shared with group "all"), or neither (shared false).
+
+    It reads the same list as ListImageShares, through the same cache,
+    single-flight, upstream rate limit and retries: a check of a cached image
+    costs no upstream call and is answered in constant time however long the
+    list is. Set a deadline as for ListImageShares (10 s). Errors are those of
+    ListImageShares (the same reasons), plus INVALID_ARGUMENT
+    (INVALID_REQUEST) naming aliyun_id when it is missing or not 1 to 32
+    digits; an invalid request never reaches the upstream.
+    """
+    WatchImageShares: _aio.UnaryStreamMultiCallable[_image_share_pb2.WatchImageSharesRequest, _image_share_pb2.WatchImageSharesResponse]  # type: ignore[assignment]
+    """WatchImageShares streams the share list, then every change to it.
+
+    The first message has snapshot = true and the whole current list. Each
+    later message has snapshot = false and carries what changed since the
+    previous message; one is sent only when something changed. Apply the
+    removals, then the additions (an account shared again with a new
+    shared_time is in accounts again: replace it), in order, to the snapshot,
+    and you hold the set of accounts and groups the upstream had at
+    read_time.
+
+    The service reads the upstream every --watch-interval seconds (60 by
+    default) per watched image, once however many callers watch it (and once
+    for every replica when they share Redis), through the same rate limit,
+    retries and snapshot checks as ListImageShares; the reads refresh the
+    cache. A read that fails sends nothing and the watch goes on. Set no
+    deadline (a watch runs until it ends); open at most
+    --max-streams-per-connection (100) watches per channel.
+
+    The stream ends with:
+      NOT_FOUND           the image was deleted (or never existed).
+      PERMISSION_DENIED   the service may no longer read the image.
+      UNAVAILABLE         the server is shutting down (SHUTTING_DOWN), the
+                          caller read nothing for the stall timeout
+                          (STREAM_STALLED), or its connection reached its
+                          maximum age: reconnect (to any replica) and take the
+                          new snapshot; the Python and Node clients do, and
+                          report what changed meanwhile.
+      RESOURCE_EXHAUSTED  the server has --max-watchers watches open
+                          (TOO_MANY_WATCHERS, with RetryInfo).
+      INVALID_ARGUMENT    and the other errors of ListImageShares, when the
+                          first read of the list fails.
     """
 
 class ImageShareServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -185,6 +279,64 @@ class ImageShareServiceServicer(metaclass=_abc_1.ABCMeta):
                               them), or any other upstream error code.
           INTERNAL            the service's own credentials were rejected; the
                               caller did nothing wrong (page the owners).
+        """
+
+    @_abc_1.abstractmethod
+    def CheckImageShare(
+        self,
+        request: _image_share_pb2.CheckImageShareRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_image_share_pb2.CheckImageShareResponse, _abc.Awaitable[_image_share_pb2.CheckImageShareResponse]]:
+        """CheckImageShare answers whether one account may launch the image: it is
+        in the share list (via ACCOUNT, with its shared_time), or the image is
+        public (via PUBLIC: shared with group "all"), or neither (shared false).
+
+        It reads the same list as ListImageShares, through the same cache,
+        single-flight, upstream rate limit and retries: a check of a cached image
+        costs no upstream call and is answered in constant time however long the
+        list is. Set a deadline as for ListImageShares (10 s). Errors are those of
+        ListImageShares (the same reasons), plus INVALID_ARGUMENT
+        (INVALID_REQUEST) naming aliyun_id when it is missing or not 1 to 32
+        digits; an invalid request never reaches the upstream.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchImageShares(
+        self,
+        request: _image_share_pb2.WatchImageSharesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_image_share_pb2.WatchImageSharesResponse], _abc.AsyncIterator[_image_share_pb2.WatchImageSharesResponse]]:
+        """WatchImageShares streams the share list, then every change to it.
+
+        The first message has snapshot = true and the whole current list. Each
+        later message has snapshot = false and carries what changed since the
+        previous message; one is sent only when something changed. Apply the
+        removals, then the additions (an account shared again with a new
+        shared_time is in accounts again: replace it), in order, to the snapshot,
+        and you hold the set of accounts and groups the upstream had at
+        read_time.
+
+        The service reads the upstream every --watch-interval seconds (60 by
+        default) per watched image, once however many callers watch it (and once
+        for every replica when they share Redis), through the same rate limit,
+        retries and snapshot checks as ListImageShares; the reads refresh the
+        cache. A read that fails sends nothing and the watch goes on. Set no
+        deadline (a watch runs until it ends); open at most
+        --max-streams-per-connection (100) watches per channel.
+
+        The stream ends with:
+          NOT_FOUND           the image was deleted (or never existed).
+          PERMISSION_DENIED   the service may no longer read the image.
+          UNAVAILABLE         the server is shutting down (SHUTTING_DOWN), the
+                              caller read nothing for the stall timeout
+                              (STREAM_STALLED), or its connection reached its
+                              maximum age: reconnect (to any replica) and take the
+                              new snapshot; the Python and Node clients do, and
+                              report what changed meanwhile.
+          RESOURCE_EXHAUSTED  the server has --max-watchers watches open
+                              (TOO_MANY_WATCHERS, with RetryInfo).
+          INVALID_ARGUMENT    and the other errors of ListImageShares, when the
+                              first read of the list fails.
         """
 
 def add_ImageShareServiceServicer_to_server(servicer: ImageShareServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

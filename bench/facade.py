@@ -30,11 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from alibabacloud_ecs20140526 import models as ecs_models
 from alibabacloud_ecs20140526.client import Client as EcsSdkClient
 from alibabacloud_tea_openapi import models as openapi_models
-from floor_server import METHOD, write_messages
+from floor_server import capture, write_messages
 
 from imageshare.v1 import image_share_pb2, image_share_pb2_grpc
 from imageshare_emulator import EmulatorAdmin
-from imageshare_server.grpcapi.service import SERVICE_NAME
 from tests.support.processes import DEMO_ENV, EmulatorProcess, Process, ServerProcess, base_env
 
 HERE = Path(__file__).resolve().parent
@@ -99,20 +98,6 @@ def pin_process(pid: int, cpus: set[int]) -> None:
             continue
 
 
-def capture(channel: grpc.Channel, image_id: str, page_size: int) -> list[bytes]:
-    """The serialized messages the server sends for a listing, exactly as sent."""
-    raw: grpc.UnaryStreamMultiCallable[image_share_pb2.ListImageSharesRequest, bytes] = (
-        channel.unary_stream(
-            f"/{SERVICE_NAME}/{METHOD}",
-            request_serializer=image_share_pb2.ListImageSharesRequest.SerializeToString,
-        )
-    )
-    request = image_share_pb2.ListImageSharesRequest(
-        region_id=REGION, image_id=image_id, page_size=page_size
-    )
-    return list(raw(request, timeout=30))
-
-
 def run_caller(
     targets: dict[str, str],
     *,
@@ -168,7 +153,10 @@ def warm_rows(
         try:
             for image_id, _, page_size in listings:
                 path = Path(tmp) / f"{image_id}-{page_size}.bin"
-                write_messages(path, capture(channel, image_id, page_size))
+                request = image_share_pb2.ListImageSharesRequest(
+                    region_id=REGION, image_id=image_id, page_size=page_size
+                )
+                write_messages(path, capture(channel, request))
                 floors[image_id, page_size] = Process(
                     [sys.executable, str(HERE / "floor_server.py"), str(path)],
                     base_env(),

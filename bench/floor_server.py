@@ -23,6 +23,7 @@ from typing import Any
 
 import grpc
 
+from imageshare.v1 import image_share_pb2
 from imageshare_server.grpcapi.service import SERVICE_NAME
 
 METHOD = "ListImageShares"
@@ -41,6 +42,17 @@ def read_messages(path: Path) -> list[bytes]:
 
 def write_messages(path: Path, messages: list[bytes]) -> None:
     path.write_bytes(b"".join(struct.pack(">I", len(m)) + m for m in messages))
+
+
+def capture(channel: grpc.Channel, request: image_share_pb2.ListImageSharesRequest) -> list[bytes]:
+    """The serialized messages a server sends for ``request``, exactly as sent."""
+    raw: grpc.UnaryStreamMultiCallable[image_share_pb2.ListImageSharesRequest, bytes] = (
+        channel.unary_stream(
+            f"/{SERVICE_NAME}/{METHOD}",
+            request_serializer=image_share_pb2.ListImageSharesRequest.SerializeToString,
+        )
+    )
+    return list(raw(request, timeout=30))
 
 
 async def serve(messages: list[bytes]) -> None:

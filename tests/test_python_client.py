@@ -1,10 +1,16 @@
 """The Python client: retry/deadline/cancellation logic against a scripted gRPC server over real
 sockets, then end to end against the app and the emulator, both in this process (one test
-kills a server process)."""
+kills a server process).
+
+Checks and watches (issue 16) against the scripted server too: what the client decides
+(retries, reconnections, the state a watch holds) is its own, whatever a server does.
+Their end-to-end tests, the resume across a server restart included, are in
+test_check_and_watch.py."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 import time
@@ -21,15 +27,19 @@ from grpc_status import rpc_status
 from imageshare.v1 import image_share_pb2 as pb
 from imageshare.v1 import image_share_pb2_grpc as pb_grpc
 from imageshare_client import (
+    DEFAULT_SERVICE_CONFIG,
     NO_RETRY,
     AsyncImageShareClient,
     CacheStatus,
     ImageShareClient,
     ImageShareError,
     RetryPolicy,
+    ShareChange,
     ShareList,
+    ShareVia,
     StreamInterruptedError,
 )
+from imageshare_client._watching import WatchState, reconnect_delay
 from imageshare_emulator import Emulator
 from tests.support.images import new_image
 from tests.support.inprocess import InProcessApp, running
@@ -51,6 +61,19 @@ class Script:
     calls: int = 0
     cancelled: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # CheckImageShare: fail the first N with UNAVAILABLE, then answer this.
+    check_fail_first: int = 0
+    check_answer: pb.CheckImageShareResponse = field(default_factory=pb.CheckImageShareResponse)
+    checks: list[pb.CheckImageShareRequest] = field(default_factory=list)
+    check_then: Callable[[grpc.ServicerContext], None] | None = None  # before answering
+    # WatchImageShares: one list of messages per stream; each stream but the last then ends
+    # UNAVAILABLE (a drain), the last one hangs until cancelled (or ends with ``watch_end``).
+    watch_streams: list[list[pb.WatchImageSharesResponse]] = field(default_factory=list)
+    watch_end: Callable[[grpc.ServicerContext], None] | None = None
+    watches: int = 0
+    # Sent on the last stream once ``release`` is set.
+    after_release: list[pb.WatchImageSharesResponse] = field(default_factory=list)
+    release: threading.Event = field(default_factory=threading.Event)
 
 
 def message(ids: list[str], total: int, groups: tuple[str, ...] = ()) -> pb.ListImageSharesResponse:
@@ -83,6 +106,59 @@ class ScriptedService(pb_grpc.ImageShareServiceServicer):
         if script.then is not None:
             script.then(context)
 
+    def CheckImageShare(
+        self, request: pb.CheckImageShareRequest, context: grpc.ServicerContext
+    ) -> pb.CheckImageShareResponse:
+        script = self.script
+        with script.lock:
+            script.checks.append(request)
+            call = len(script.checks)
+        if call <= script.check_fail_first:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"scripted failure {call}")
+        if script.check_then is not None:
+            script.check_then(context)
+        return script.check_answer
+
+    def WatchImageShares(
+        self, request: pb.WatchImageSharesRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.WatchImageSharesResponse]:
+        script = self.script
+        with script.lock:
+            stream = script.watches
+            script.watches += 1
+        last = stream >= len(script.watch_streams) - 1
+        if last:  # ``cancelled``: the client let go of the stream it was left with
+            context.add_callback(lambda: None if context.is_active() else script.cancelled.set())
+        yield from script.watch_streams[stream] if stream < len(script.watch_streams) else []
+        if not last:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "scripted drain")
+        if script.after_release and script.release.wait(10):
+            yield from script.after_release
+        if script.watch_end is not None:
+            script.watch_end(context)
+        hang_until_cancelled(context)
+
+
+def watch_message(
+    ids: list[str],
+    *,
+    snapshot: bool = False,
+    removed: tuple[str, ...] = (),
+    groups: tuple[str, ...] = (),
+    groups_removed: tuple[str, ...] = (),
+    total: int = 0,
+) -> pb.WatchImageSharesResponse:
+    return pb.WatchImageSharesResponse(
+        snapshot=snapshot,
+        accounts=[pb.SharedAccount(aliyun_id=i) for i in ids],
+        removed_aliyun_ids=removed,
+        share_groups=[pb.ShareGroup(group=g) for g in groups],
+        removed_share_groups=groups_removed,
+        total_count=total,
+        region_id="cn-hangzhou",
+        image_id="m-test",
+    )
+
 
 def hang_until_cancelled(context: grpc.ServicerContext) -> None:
     """Send nothing more until the call ends (the client cancels or its deadline passes)."""
@@ -93,6 +169,10 @@ def hang_until_cancelled(context: grpc.ServicerContext) -> None:
 
 def abort_unavailable(context: grpc.ServicerContext) -> None:
     context.abort(grpc.StatusCode.UNAVAILABLE, "connection to upstream lost")
+
+
+def abort_not_found(context: grpc.ServicerContext) -> None:
+    context.abort(grpc.StatusCode.NOT_FOUND, "the image was deleted")
 
 
 def abort_rich_invalid_argument(context: grpc.ServicerContext) -> None:
@@ -327,24 +407,199 @@ def test_breaking_out_of_the_loop_cancels(script: Script, target: str) -> None:
         assert listing.accounts_received == 1
 
 
-def test_is_shared_with_stops_reading_once_it_knows(script: Script, target: str) -> None:
-    script.messages = [message(["1"], 3), message(["2"], 3)]
+# --- checks: one small call, retried like a listing before its first message ---------------
+
+
+def test_check_retries_unavailable_and_decodes_the_answer(script: Script, target: str) -> None:
+    script.check_fail_first = 1
+    script.check_answer = pb.CheckImageShareResponse(
+        shared=True,
+        via=pb.SHARE_VIA_ACCOUNT,
+        total_count=7,
+        cache_status=pb.CACHE_STATUS_HIT,
+        upstream_request_ids=["R-1"],
+    )
+    script.check_answer.shared_time.FromJsonString("2025-01-02T03:04:05Z")
+    with no_channel_retry(target) as client:
+        answer = client.check("cn-hangzhou", "m-test", "1234", owner_account="ram@x")
+    assert answer
+    assert answer.via is ShareVia.ACCOUNT
+    assert answer.shared_time is not None
+    assert answer.shared_time.isoformat() == "2025-01-02T03:04:05+00:00"
+    assert (answer.total_count, answer.cache_status) == (7, CacheStatus.HIT)
+    assert answer.upstream_request_ids == ("R-1",)
+    assert [(c.aliyun_id, c.owner_account) for c in script.checks] == [("1234", "ram@x")] * 2
+
+
+def test_is_shared_with_is_one_check_call(script: Script, target: str) -> None:
+    """It no longer streams the list to look for the account: the server answers."""
+    script.check_answer = pb.CheckImageShareResponse(shared=True, via=pb.SHARE_VIA_PUBLIC)
+    script.messages = [message(["1"], 1)]
+    with no_channel_retry(target) as client:
+        assert client.is_shared_with("cn-hangzhou", "m-test", "42")
+        script.check_answer = pb.CheckImageShareResponse(shared=False)
+        assert not client.is_shared_with("cn-hangzhou", "m-test", "43")
+    assert [c.aliyun_id for c in script.checks] == ["42", "43"]
+    assert script.calls == 0  # the list was never streamed
+
+
+def test_check_retries_of_unavailable_are_bounded(script: Script, target: str) -> None:
+    script.check_fail_first = 100
+    with no_channel_retry(target) as client, pytest.raises(ImageShareError) as caught:
+        client.check("cn-hangzhou", "m-test", "1")
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    assert caught.value.attempts == FAST_RETRY.max_attempts
+    assert len(script.checks) == FAST_RETRY.max_attempts
+
+
+async def test_async_check(script: Script, target: str) -> None:
+    script.check_fail_first = 1
+    script.check_answer = pb.CheckImageShareResponse(shared=True, via=pb.SHARE_VIA_PUBLIC)
+    async with AsyncImageShareClient(target, retry=FAST_RETRY, service_config=None) as client:
+        answer = await client.check("cn-hangzhou", "m-test", "5")
+        assert answer.via is ShareVia.PUBLIC
+        assert await client.is_shared_with("cn-hangzhou", "m-test", "5")
+    assert len(script.checks) == 3  # a retry, then the answer; then is_shared_with's one call
+
+
+# --- watches: state, reconnection ------------------------------------------------------------
+
+
+def test_watch_state_applies_changes_and_reports_what_a_reconnect_missed() -> None:
+    state = WatchState("cn-hangzhou", "m-test")
+    first = state.apply(watch_message(["1", "2"], snapshot=True, total=2))
+    assert first is not None
+    assert first.snapshot
+    assert [a.aliyun_id for a in first.added] == ["1", "2"]
+    change = state.apply(watch_message(["3"], removed=("1",), groups=("all",), total=2))
+    assert change is not None
+    assert not change.snapshot
+    assert (change.removed, change.groups_added, change.became_public) == (("1",), ("all",), True)
+    assert sorted(state.accounts) == ["2", "3"]
+    assert state.is_public
+    # The stream ended; the new snapshot differs from what the watch held.
+    resumed = state.apply(watch_message(["2", "4"], snapshot=True, total=2))
+    assert resumed is not None
+    assert resumed.resumed
+    assert not resumed.snapshot
+    assert [a.aliyun_id for a in resumed.added] == ["4"]
+    assert resumed.removed == ("3",)
+    assert resumed.groups_removed == ("all",)
+    assert resumed.became_private
+    # A snapshot after a reconnect that changes nothing reports nothing.
+    assert state.apply(watch_message(["2", "4"], snapshot=True, total=2)) is None
+
+
+def test_watch_reconnects_on_unavailable_and_resource_exhausted_only() -> None:
+    policy = RetryPolicy(max_attempts=3, initial_backoff=0.1, max_backoff=0.4)
+    unavailable = ImageShareError(grpc.StatusCode.UNAVAILABLE, "drain")
+    busy = ImageShareError(grpc.StatusCode.RESOURCE_EXHAUSTED, "limit", retry_after=5.0)
+    busy_without_hint = ImageShareError(grpc.StatusCode.RESOURCE_EXHAUSTED, "limit")
+    gone = ImageShareError(grpc.StatusCode.NOT_FOUND, "deleted")
+    delay = reconnect_delay(unavailable, 1, policy)
+    assert delay is not None
+    assert 0 <= delay <= 0.1
+    assert reconnect_delay(busy, 1, policy) == 5.0
+    assert reconnect_delay(busy_without_hint, 1, policy) is None
+    assert reconnect_delay(gone, 1, policy) is None
+    assert reconnect_delay(unavailable, 3, policy) is None  # bounded by max_attempts
+
+
+def test_watch_resumes_after_the_stream_ends_and_reports_the_missed_change(
+    script: Script, target: str
+) -> None:
+    script.watch_streams = [
+        [watch_message(["1", "2"], snapshot=True, total=2), watch_message(["3"], total=3)],
+        [watch_message(["1", "3", "4"], snapshot=True, total=3)],
+    ]
+    retried: list[str] = []
+    with (
+        ImageShareClient(
+            target, service_config=None, on_retry=lambda _n, e, _d: retried.append(e.code_name)
+        ) as client,
+        client.watch(
+            "cn-hangzhou", "m-test", reconnect=RetryPolicy(max_attempts=5, initial_backoff=0.01)
+        ) as watch,
+    ):
+        events = iter(watch)
+        snapshot, change, resumed = next(events), next(events), next(events)
+        assert not script.cancelled.is_set()  # the second stream is open while the block runs
+    assert snapshot.snapshot
+    assert [a.aliyun_id for a in change.added] == ["3"]
+    assert resumed.resumed
+    assert [a.aliyun_id for a in resumed.added] == ["4"]
+    assert resumed.removed == ("2",)
+    assert sorted(watch.accounts) == ["1", "3", "4"]
+    assert watch.reconnects == 1
+    assert retried == ["UNAVAILABLE"]
+    assert script.watches == 2
+    assert script.cancelled.wait(5)  # leaving the block let go of the stream
+
+
+def test_a_watch_has_no_default_deadline_unlike_the_other_calls(
+    script: Script, target: str
+) -> None:
+    """The service config's deadline (10 s) is for lists and checks: a watch outlives it.
+
+    The client's own default deadline is off, and the config's is cut to 0.2 s: a listing
+    and a check that get no answer fail when it passes, the watch opened before goes on."""
+    config = json.loads(json.dumps(DEFAULT_SERVICE_CONFIG))
+    assert config["methodConfig"][0]["timeout"] == "10s"
+    config["methodConfig"][0]["timeout"] = "0.2s"
+    script.watch_streams = [[watch_message(["1"], snapshot=True, total=1)]]
+    script.after_release = [watch_message(["2"], total=2)]
     script.then = hang_until_cancelled
-    with no_channel_retry(target) as client:
-        assert client.is_shared_with("cn-hangzhou", "m-test", "2")
-        assert script.cancelled.wait(5)  # with the channel still open
+    script.check_then = hang_until_cancelled
+    with ImageShareClient(target, service_config=config, timeout=None) as client:
+        with client.watch("cn-hangzhou", "m-test") as watch:
+            events = iter(watch)
+            assert next(events).snapshot
+            with pytest.raises(ImageShareError) as listing:
+                client.list_shares("cn-hangzhou", "m-test").start()
+            assert listing.value.code == grpc.StatusCode.DEADLINE_EXCEEDED  # 0.2 s have passed
+            with pytest.raises(ImageShareError) as check:
+                client.check("cn-hangzhou", "m-test", "1")
+            assert check.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            script.release.set()
+            later = next(events)  # the watch is still open
+        assert [a.aliyun_id for a in later.added] == ["2"]
+        assert watch.reconnects == 0
 
 
-def test_is_shared_with_public_image(script: Script, target: str) -> None:
-    script.messages = [message([], 0, ("all",))]
-    with no_channel_retry(target) as client:
-        assert client.is_shared_with("cn-hangzhou", "m-test", "anyone")
+def test_watch_ends_with_not_found(script: Script, target: str) -> None:
+    """NOT_FOUND (the image was deleted) is an answer: the watch does not reconnect."""
+    script.watch_streams = [[watch_message(["1"], snapshot=True, total=1)]]
+    script.watch_end = abort_not_found
+    with ImageShareClient(target, service_config=None) as client:
+        watch = client.watch("cn-hangzhou", "m-test")
+        seen: list[ShareChange] = []
+        with pytest.raises(ImageShareError) as caught:
+            seen.extend(watch)
+    assert caught.value.code == grpc.StatusCode.NOT_FOUND
+    assert [c.snapshot for c in seen] == [True]
+    assert script.watches == 1
 
 
-def test_is_shared_with_false_when_absent(script: Script, target: str) -> None:
-    script.messages = [message(["1"], 2), message(["2"], 2)]
-    with no_channel_retry(target) as client:
-        assert not client.is_shared_with("cn-hangzhou", "m-test", "3")
+async def test_async_watch_resumes_too(script: Script, target: str) -> None:
+    script.watch_streams = [
+        [watch_message(["1"], snapshot=True, total=1)],
+        [watch_message(["1"], snapshot=True, groups=("all",), total=1)],
+    ]
+    async with (
+        AsyncImageShareClient(target, service_config=None) as client,
+        client.watch(
+            "cn-hangzhou", "m-test", reconnect=RetryPolicy(max_attempts=5, initial_backoff=0.01)
+        ) as watch,
+    ):
+        events = aiter(watch)
+        first = await anext(events)
+        second = await anext(events)
+        await events.aclose()  # type: ignore[attr-defined]
+    assert first.snapshot
+    assert second.resumed
+    assert second.became_public
+    assert watch.reconnects == 1
+    assert await asyncio.to_thread(script.cancelled.wait, 5)
 
 
 async def test_async_retry_then_stream(script: Script, target: str) -> None:
@@ -471,8 +726,20 @@ async def test_live_public_and_unshared_images(live: InProcessApp) -> None:
             assert not client.is_shared_with(REGION, "m-demo0000003", "424242")
             last = client.list_shares(REGION, DEMO).collect().accounts[-1]
             assert client.is_shared_with(REGION, DEMO, last.aliyun_id)
+            listed = client.check(REGION, DEMO, last.aliyun_id)
+            assert (listed.via, listed.shared_time) == (ShareVia.ACCOUNT, last.shared_time)
+            assert client.check(REGION, "m-demo0000002", "424242").via is ShareVia.PUBLIC
+            # Not an account id: a failed call, even for a public image, not "not shared".
+            with pytest.raises(ImageShareError) as caught:
+                client.is_shared_with(REGION, "m-demo0000002", "anyone")
+            assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            assert [v.field for v in caught.value.field_violations] == ["aliyun_id"]
 
     await asyncio.to_thread(ask)
+    # One CheckImageShare call each, and no listing behind any of them.
+    methods = [line["method"].rsplit("/", 1)[-1] for line in live.logs.rpc_lines()]
+    assert methods.count("CheckImageShare") == 6
+    assert methods.count("ListImageShares") == 3  # the test's own
 
 
 async def test_live_errors_are_typed(live: InProcessApp) -> None:

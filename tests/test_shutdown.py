@@ -9,7 +9,9 @@ Streams are kept in flight by the emulator's latency knob: 500 accounts read
 10 per upstream page, one page at a time, at 100 ms a page take five seconds,
 so SIGTERM always lands mid-listing. Progress is observed (upstream calls
 counted by the emulator, ``draining`` logged, health watch updated), never
-slept for.
+slept for. Watches (WatchImageShares) never end by themselves: SIGTERM ends them at
+once, UNAVAILABLE, so that their callers reconnect to another replica, while the
+listings drain.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from imageshare.v1 import image_share_pb2, image_share_pb2_grpc
 from imageshare_emulator import Emulator
 from tests.support import client_health
 from tests.support.processes import ServerProcess
+from tests.support.rpc import details
 from tests.support.waiting import until
 
 if TYPE_CHECKING:
@@ -36,10 +39,14 @@ StartServer = Callable[..., ServerProcess]
 Listing = grpc.aio.UnaryStreamCall[
     image_share_pb2.ListImageSharesRequest, image_share_pb2.ListImageSharesResponse
 ]
+ShareWatch = grpc.aio.UnaryStreamCall[
+    image_share_pb2.WatchImageSharesRequest, image_share_pb2.WatchImageSharesResponse
+]
 HealthRequest = client_health.CheckRequest
 HealthResponse = client_health.CheckResponse
 REGION = "cn-hangzhou"
 SLOW = "m-slowdrain01"
+PUBLIC = "m-demo0000002"  # the demo data's public image
 ACCOUNTS = [str(700_000_000 + i) for i in range(500)]
 SERVING = HealthResponse.SERVING
 NOT_SERVING = HealthResponse.NOT_SERVING
@@ -94,6 +101,22 @@ async def _drain(call: Listing) -> list[str]:
         assert isinstance(message, image_share_pb2.ListImageSharesResponse)
         ids.extend(a.aliyun_id for a in message.accounts)
     return ids
+
+
+def _share_watch(channel: grpc.aio.Channel) -> ShareWatch:
+    stub: ImageShareServiceAsyncStub = image_share_pb2_grpc.ImageShareServiceStub(channel)
+    return stub.WatchImageShares(
+        image_share_pb2.WatchImageSharesRequest(region_id=REGION, image_id=PUBLIC)
+    )
+
+
+async def _share_watch_ended(call: ShareWatch, within: float = 5.0) -> grpc.aio.AioRpcError:
+    """The error a watch ended with (it sends nothing more: the list does not change)."""
+    try:
+        message = await asyncio.wait_for(call.read(), within)
+    except grpc.aio.AioRpcError as exc:
+        return exc
+    raise AssertionError(f"the watch did not end with an error: {message!r}")
 
 
 def _watch(channel: grpc.aio.Channel) -> grpc.aio.UnaryStreamCall[HealthRequest, HealthResponse]:
@@ -151,13 +174,27 @@ async def test_sigterm_drains_in_flight_streams_and_exits_zero(
     async with grpc.aio.insecure_channel(server.target) as channel:
         watch = _watch(channel)
         assert await _next_status(watch) == SERVING
+        share_watches = [_share_watch(channel) for _ in range(2)]
+        for share_watch in share_watches:
+            snapshot = await asyncio.wait_for(share_watch.read(), 15)
+            assert isinstance(snapshot, image_share_pb2.WatchImageSharesResponse)
+            assert snapshot.snapshot
+            assert [g.group for g in snapshot.share_groups] == ["all"]
+        read_by_watches = slow_image.knobs.counters()["total"]
         streams = [_listing(channel) for _ in range(3)]
-        await _upstream_reached(slow_image, 3)
+        await _upstream_reached(slow_image, read_by_watches + 3)
 
         server.signal(signal.SIGTERM)
         # Load balancers watching health see NOT_SERVING before anything else changes.
         assert await _next_status(watch) == NOT_SERVING
         watch.cancel()
+        # Watches end at once, UNAVAILABLE, so that their callers reconnect elsewhere...
+        for share_watch in share_watches:
+            error = details(await _share_watch_ended(share_watch))
+            assert error.code is grpc.StatusCode.UNAVAILABLE
+            assert error.error_info is not None
+            assert error.error_info.reason == "SHUTTING_DOWN"
+        assert not any(s.done() for s in streams)  # ...while the listings are still streaming
         await asyncio.to_thread(server.wait_for, "draining", 5)
         # New calls are refused once draining, on a new connection...
         assert await _refused_once_draining(server.target) is grpc.StatusCode.UNAVAILABLE

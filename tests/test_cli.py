@@ -484,6 +484,32 @@ async def test_audit_keeps_to_the_servers_quota_and_waits_out_refusals(
     assert codes.count("ResourceExhausted") >= 3  # the waits happened: refused first, listed later
 
 
+@pytest.mark.slow
+async def test_audit_tries_again_a_listing_let_through_too_late_to_finish(
+    ecs: Emulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A turn for the quota just before the deadline leaves no time for a 150 ms upstream
+    call: DEADLINE_EXCEEDED. The server finishes the read as a cache fill, and the audit's
+    next try is served from the cache, so no image fails and no page is read twice."""
+    images = [new_image(ecs.knobs, 2)[0] for _ in range(12)]
+    listing = tmp_path / "images.txt"
+    listing.write_text("\n".join(images) + "\n")
+    quota = ("--upstream-qps", "5", "--upstream-burst", "1", "--max-orphan-reads", "16")
+    async with running(ecs, *quota) as app:
+        ecs.knobs.set(qps_limit=6, latency_ms=150)
+        code, out, err = await run(
+            capsys,
+            *audit(app.target, "--images", listing, "--concurrency", "12", "--timeout", "0.5"),
+            "--json",
+        )
+        codes = [line["code"] for line in app.logs.rpc_lines()]
+    assert code == 0, err
+    *rows, summary = [json.loads(line) for line in out.splitlines()]
+    assert [r["error"] for r in rows] == [None] * 12
+    assert "DeadlineExceeded" in codes  # the case happened, and was tried again
+    assert ecs.knobs.counters()["calls_by_action"]["DescribeImageSharePermission"] == 12
+
+
 async def test_audit_progress_bar_on_a_terminal(
     target: str, fleet: Fleet, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

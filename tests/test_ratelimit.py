@@ -32,6 +32,9 @@ class Read:
     def queued(self, until: float) -> None:
         self.queued_until = until
 
+    def admitted(self) -> None:
+        """Not needed here."""
+
     def waiting_for_slot(self, waiting: bool) -> None:
         """Not used by the limiter."""
 

@@ -36,6 +36,10 @@ class ReadDeadline(Protocol):
         """The read waits for a rate-limit slot until about ``until``."""
         ...
 
+    def admitted(self) -> None:
+        """The rate limit let the read send a call (after ``queued``, if it had to wait)."""
+        ...
+
     def waiting_for_slot(self, waiting: bool) -> None:
         """The read starts (True) or stops (False) waiting for an upstream connection slot."""
         ...
@@ -57,6 +61,9 @@ class FixedDeadline:
         return self.deadline
 
     def queued(self, until: float) -> None:
+        """Nothing to tell: the caller is the read."""
+
+    def admitted(self) -> None:
         """Nothing to tell: the caller is the read."""
 
     def waiting_for_slot(self, waiting: bool) -> None:

@@ -156,6 +156,7 @@ class Flight:
         self._page_size = options.page_size
         self._followers: dict[object, tuple[float | None, str]] = {}
         self._blocked_until = 0.0
+        self._queued_for_quota = False
         self._slot_waits = 0
         self._on_orphaned: Callable[[Flight], None] | None = None
         self._changed = asyncio.Event()
@@ -186,9 +187,13 @@ class Flight:
     def queued(self, until: float) -> None:
         """The read waits for a rate-limit slot until ``until``: followers who cannot wait
         that long are refused now (``follow``), and the read goes on without them."""
+        self._queued_for_quota = True
         if until > self._blocked_until:
             self._blocked_until = until
             self._notify()
+
+    def admitted(self) -> None:
+        self._queued_for_quota = False
 
     def waiting_for_slot(self, waiting: bool) -> None:
         self._slot_waits += 1 if waiting else -1
@@ -201,8 +206,10 @@ class Flight:
         now = self._clock.monotonic()
         if self._slot_waits:
             return UpstreamBusyError()
-        if self._blocked_until > now:
-            return RateLimitedError(self._blocked_until - now)
+        if self._queued_for_quota or self._blocked_until > now:
+            # Still waiting for its turn (later than estimated, when callers who had to
+            # wait less joined the queue): the quota's refusal, not a timeout.
+            return RateLimitedError(max(0.0, self._blocked_until - now))
         return DeadlineExceededError("the read did not finish before the caller's deadline")
 
     # --- state -------------------------------------------------------------------------

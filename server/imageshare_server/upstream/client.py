@@ -234,6 +234,7 @@ class EcsClient:
         if self._limiter is not None:
             with self._tracer.span(RATE_LIMIT_SPAN):
                 await self._limiter.acquire(region_id, deadline)
+            deadline.admitted()
         async with self._slot(deadline):
             timeout = self._read_timeout
             cut_by_deadline = False

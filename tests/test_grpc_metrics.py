@@ -26,7 +26,11 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import CollectorRegistry
 
 from imageshare_server.observability.grpc_metrics import GrpcMetricsInterceptor
-from imageshare_server.observability.logging import JsonFormatter, rpc_log_fields
+from imageshare_server.observability.logging import (
+    JsonFormatter,
+    rpc_end_expected,
+    rpc_log_fields,
+)
 from tests.support.client_health import check, watch
 
 SERVICE = "test.v1.Echo"
@@ -56,6 +60,11 @@ async def unary(request: bytes, context: Context) -> bytes:
             raise RuntimeError("boom")
         case b"hang":
             await NEVER.wait()
+        case b"unavailable":
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "gone")
+        case b"unavailable-by-design":
+            rpc_end_expected()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "draining")
     return b"pong"
 
 
@@ -270,6 +279,24 @@ async def test_deadline_exceeded_is_told_apart_from_cancellation(harness: Harnes
     assert harness.series("grpc_server_handling_seconds_count") == {labels("unary", "Unary"): 1}
     assert line["code"] == "DeadlineExceeded"
     assert line["level"] == "warning"
+
+
+async def test_an_end_the_handler_expects_is_logged_at_info_and_counted_as_ever(
+    harness: Harness,
+) -> None:
+    """UNAVAILABLE is a server fault (WARNING) unless the handler says it is the design."""
+    for request in (b"unavailable", b"unavailable-by-design"):
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await harness.call("unary_unary", "Unary")(request)
+        assert raised.value.code() is grpc.StatusCode.UNAVAILABLE
+    lines = await harness.logs.wait_for_lines(2)
+    assert [(line["code"], line["level"]) for line in lines] == [
+        ("Unavailable", "warning"),
+        ("Unavailable", "info"),
+    ]
+    assert harness.series("grpc_server_handled_total") == {
+        labels("unary", "Unary", grpc_code="Unavailable"): 2
+    }
 
 
 async def test_client_cancel_mid_stream_counts_canceled_and_sent_messages(

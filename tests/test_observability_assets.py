@@ -32,10 +32,13 @@ from imageshare_server.observability.grpc_metrics import GrpcMetricsInterceptor
 from imageshare_server.observability.logging import (
     JsonFormatter,
     RedactingFilter,
+    _StderrJsonHandler,
     configure_logging,
+    log_fields,
 )
 from imageshare_server.observability.metrics import ServiceMetrics
 from imageshare_server.redaction import REDACTED, redact, register_secret
+from tests.support.waiting import until
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "imageshare"
@@ -492,6 +495,68 @@ def test_configure_logging_routes_uncaught_exceptions_through_redaction() -> Non
         assert "RuntimeError" in line["exc"]
     assert "metrics-http" in lines[1]["msg"]
     _assert_clean(stream.getvalue())
+
+
+def _logger_with(handler: logging.Handler) -> logging.Logger:
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger(f"test.log_fields.{id(handler)}")
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(handler)
+    return logger
+
+
+def _without_ts(text: str) -> list[dict[str, Any]]:
+    """Each line's keys but the time and the (test's own) logger name."""
+    return [
+        {k: v for k, v in json.loads(line).items() if k not in ("ts", "logger")}
+        for line in text.splitlines()
+    ]
+
+
+def test_lines_written_without_a_record_are_the_lines_records_give() -> None:
+    """``log_fields`` writes directly to the stderr handler of configure_logging, and
+    through logging anywhere else: the same line either way, redacted the same way."""
+    register_secret(SECRET)
+    direct, via_records = io.StringIO(), io.StringIO()
+    direct_logger = _logger_with(_StderrJsonHandler(direct))
+    records_logger = _logger_with(logging.StreamHandler(via_records))
+    cases: list[dict[str, Any]] = [
+        {"event": "rpc", "code": "OK", "duration_ms": 0.397, "peer": "ipv4:10.0.0.7:53122"},
+        {"event": "rpc", "upstream_request_ids": ["r-1", SECRET], "image": f"m-{SECRET}"},
+        {"event": "rpc", "code": "Unauthenticated", "error": V3_SIGNATURE_ERROR},
+        {"event": "rpc", "groups": {"all"}, "nested": {"t": [TOKEN, 1.5, None, True]}},
+    ]
+    for fields in cases:
+        log_fields(direct_logger, logging.INFO, "rpc", fields)  # no event loop: written now
+        log_fields(records_logger, logging.INFO, "rpc", fields)
+    assert _without_ts(direct.getvalue()) == _without_ts(via_records.getvalue())
+    _assert_clean(direct.getvalue())
+    lines = _without_ts(direct.getvalue())
+    assert lines[0] == {
+        "level": "info",
+        "msg": "rpc",
+        "event": "rpc",
+        "code": "OK",
+        "duration_ms": 0.397,
+        "peer": "ipv4:10.0.0.7:53122",
+    }
+    assert lines[1]["upstream_request_ids"] == ["r-1", REDACTED]
+    assert lines[2]["error"].endswith(f"server string to sign is: {REDACTED}")
+    assert lines[3]["groups"] == ["all"]
+
+
+async def test_lines_written_on_an_event_loop_are_gathered_and_keep_their_order() -> None:
+    stream = io.StringIO()
+    logger = _logger_with(_StderrJsonHandler(stream))
+    log_fields(logger, logging.INFO, "rpc", {"n": 1})
+    log_fields(logger, logging.INFO, "rpc", {"n": 2})
+    assert stream.getvalue() == ""  # gathered for one write
+    logger.warning("a record")  # written after the lines gathered before it
+    log_fields(logger, logging.INFO, "rpc", {"n": 3})
+    await until(lambda: stream.getvalue().count("\n") == 4)  # the timer writes the last
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line.get("n", line["msg"]) for line in lines] == [1, 2, "a record", 3]
 
 
 def test_configure_logging_rejects_unknown_levels() -> None:

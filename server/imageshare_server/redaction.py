@@ -17,7 +17,7 @@ import threading
 from collections.abc import Iterable
 from urllib.parse import quote, quote_plus
 
-__all__ = ["REDACTED", "redact", "register_secret"]
+__all__ = ["REDACTED", "has_string_to_sign", "redact", "redact_encoded", "register_secret"]
 
 REDACTED = "[redacted]"
 
@@ -29,6 +29,7 @@ _MIN_SECRET_LENGTH = 8
 _MAX_SECRETS = 64
 
 _STRING_TO_SIGN = re.compile(r"(string to sign is:).*", re.IGNORECASE | re.DOTALL)
+_STRING_TO_SIGN_MARKER = re.compile(r"string to sign is:", re.IGNORECASE)
 
 
 def _variants(value: str) -> set[str]:
@@ -97,6 +98,11 @@ def redact(text: str, *, also: Iterable[str] = ()) -> str:
         assert extra_pattern is not None
         text = extra_pattern.sub(REDACTED, text)
     return _STRING_TO_SIGN.sub(rf"\1 {REDACTED}", text)
+
+
+def has_string_to_sign(text: str) -> bool:
+    """Whether ``text`` holds the string-to-sign ECS echoes (which :func:`redact` cuts)."""
+    return _STRING_TO_SIGN_MARKER.search(text) is not None
 
 
 def redact_encoded(line: str) -> str:

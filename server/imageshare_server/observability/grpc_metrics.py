@@ -27,17 +27,21 @@ per streamed message.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any, Protocol, TypeAlias
 
 import grpc
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 
-from imageshare_server.observability.logging import bind_rpc_log_fields
+from imageshare_server.observability.logging import (
+    RpcFields,
+    bind_rpc_fields,
+    log_fields,
+    unbind_rpc_fields,
+)
 from imageshare_server.observability.metrics import LATENCY_BUCKETS
 from imageshare_server.observability.tracing import NO_SPAN, NO_TRACING, Span, Tracer, exemplar
 
@@ -117,45 +121,75 @@ def _grpc_type(handler: Handler) -> str:
     return "unary"
 
 
+class _Method:
+    """What every call of one method shares: its labels and metric children, resolved once."""
+
+    __slots__ = (
+        "_handled",
+        "full_name",
+        "grpc_type",
+        "handled",
+        "labels",
+        "name",
+        "quiet",
+        "received",
+        "seconds",
+        "sent",
+        "service",
+        "started",
+    )
+
+    def __init__(self, interceptor: GrpcMetricsInterceptor, labels: tuple[str, str, str]) -> None:
+        self.labels = labels
+        self.grpc_type, self.service, self.name = labels
+        self.full_name = f"/{self.service}/{self.name}"
+        self.quiet = self.service in interceptor.quiet_services
+        self.started = interceptor.started.labels(*labels)
+        self.received = interceptor.msg_received.labels(*labels)
+        self.sent = interceptor.msg_sent.labels(*labels)
+        self.seconds = interceptor.handling_seconds.labels(*labels)
+        self._handled = interceptor.handled
+        self.handled: dict[str, Any] = {}
+
+    def handled_child(self, code: str) -> Any:
+        child = self.handled.get(code)
+        if child is None:
+            child = self.handled[code] = self._handled.labels(*self.labels, code)
+        return child
+
+
 class _Call:
     """Accounting for one RPC; ``finish`` runs exactly once, whatever ends the call."""
 
     __slots__ = (
         "_finished",
         "_interceptor",
-        "_received",
-        "_sent",
         "_start",
         "fields",
-        "grpc_type",
-        "labels",
+        "method",
         "received",
         "sent",
         "span",
     )
 
-    def __init__(self, interceptor: GrpcMetricsInterceptor, labels: tuple[str, str, str]) -> None:
+    def __init__(self, interceptor: GrpcMetricsInterceptor, method: _Method) -> None:
         self._interceptor = interceptor
-        self.labels = labels
-        self.grpc_type = labels[0]
+        self.method = method
         self.received = 0
         self.sent = 0
-        self.fields: dict[str, Any] = {}
+        self.fields = RpcFields()
         self.span: Span = NO_SPAN
         self._finished = False
         self._start = time.perf_counter()
-        interceptor.started.labels(*labels).inc()
-        # The children once per call, not a labelled lookup per streamed message.
-        self._received = interceptor.msg_received.labels(*labels)
-        self._sent = interceptor.msg_sent.labels(*labels)
+        method.started.inc()
 
     def message_received(self) -> None:
         self.received += 1
-        self._received.inc()
+        self.method.received.inc()
 
     def message_sent(self) -> None:
         self.sent += 1
-        self._sent.inc()
+        self.method.sent.inc()
 
     def finish(self, context: _StatusSource, exc: BaseException | None) -> None:
         if self._finished:
@@ -163,9 +197,10 @@ class _Call:
         self._finished = True
         duration = time.perf_counter() - self._start
         code = _final_code(context, exc)
+        method = self.method
+        method.handled_child(code).inc()
+        method.seconds.observe(duration, exemplar())
         interceptor = self._interceptor
-        interceptor.handled.labels(*self.labels, code).inc()
-        interceptor.handling_seconds.labels(*self.labels).observe(duration, exemplar())
         if interceptor.log_rpcs:
             interceptor.log_call(self, context, code, duration)
         if self.span.recording:
@@ -201,7 +236,11 @@ def _final_code(context: _StatusSource, exc: BaseException | None) -> str:
 
 
 class _ContextProxy:
-    """The servicer context as the handler sees it: counts ``read``/``write`` messages."""
+    """The servicer context as the handler sees it: counts ``read``/``write`` messages.
+
+    What handlers call on every call is forwarded by a method of its own, the rest
+    through ``__getattr__``.
+    """
 
     __slots__ = ("_call", "_context")
 
@@ -218,6 +257,15 @@ class _ContextProxy:
         if message is not grpc.aio.EOF:
             self._call.message_received()
         return message
+
+    def peer(self) -> str:
+        return self._context.peer()
+
+    def time_remaining(self) -> float | None:
+        return self._context.time_remaining()
+
+    def set_trailing_metadata(self, trailing_metadata: Any) -> None:
+        self._context.set_trailing_metadata(trailing_metadata)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
@@ -246,6 +294,11 @@ class _CountingIterator:
         return message
 
 
+# How an async handler answers: one response, responses it writes itself
+# (context.write), or responses it yields (an async generator).
+_UNARY, _WRITTEN, _GENERATED = "unary", "written", "generated"
+
+
 class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
     """Count, time and log every RPC the server hands to a handler.
 
@@ -253,12 +306,17 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
     Tests pass a fresh :class:`~prometheus_client.CollectorRegistry`.
 
     ``log_rpcs`` writes one JSON line per RPC on the ``imageshare.rpc`` logger
-    (INFO; WARNING for server-fault codes; DEBUG for ``quiet_services``).
+    (INFO; WARNING for server-fault codes unless the handler said the end was
+    expected, see :func:`~imageshare_server.observability.logging.rpc_end_expected`;
+    DEBUG for ``quiet_services``).
 
     Handlers may be ``async def`` (returning, or using ``context.write``),
     async generators, or sync functions and generators (which grpc.aio runs
     in an executor). Install it first in the interceptor list so that it
     sees the outcome of every other interceptor too.
+
+    Each method's handler is wrapped once (and its metric children resolved once),
+    then reused for every call that gets the same handler.
     """
 
     def __init__(
@@ -272,8 +330,10 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
     ) -> None:
         self.log_rpcs = log_rpcs
         self.tracer = tracer
-        self._quiet_services = frozenset(quiet_services)
+        self.quiet_services = frozenset(quiet_services)
         self._logger = logger
+        # Full method name -> (the handler grpc found, its wrapped form).
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
         self.started = Counter(
             "grpc_server_started_total",
             "Total number of RPCs started on the server.",
@@ -329,14 +389,22 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        labels = (_grpc_type(handler), *_split_method(handler_call_details.method))
-        return self._wrap(handler, labels)
+        full_method = handler_call_details.method
+        wrapped = self._wrapped.get(full_method)
+        if wrapped is not None and wrapped[0] is handler:
+            return wrapped[1]
+        method = _Method(self, (_grpc_type(handler), *_split_method(full_method)))
+        result = self._wrap(handler, method)
+        # Only methods a handler exists for get here: the table cannot grow without bound.
+        self._wrapped[full_method] = (handler, result)
+        return result
 
     def log_call(self, call: _Call, context: _StatusSource, code: str, duration: float) -> None:
-        _, service, method = call.labels
-        if service in self._quiet_services:
+        method = call.method
+        fields = call.fields
+        if method.quiet:
             level = logging.DEBUG
-        elif code in SERVER_FAULT_CODES:
+        elif code in SERVER_FAULT_CODES and not getattr(fields, "end_expected", False):
             level = logging.WARNING
         else:
             level = logging.INFO
@@ -348,139 +416,137 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
             peer = ""
         line: dict[str, Any] = {
             "event": "rpc",
-            "method": f"/{service}/{method}",
-            "grpc_type": call.grpc_type,
+            "method": method.full_name,
+            "grpc_type": method.grpc_type,
             "code": code,
             "duration_ms": round(duration * 1000, 3),
             "peer": peer,
             "msg_received": call.received,
             "msg_sent": call.sent,
         }
-        for key, value in call.fields.items():
-            line.setdefault(key, value)
-        self._logger.log(level, "rpc", extra={"fields": line})
+        if fields:
+            base = line
+            line = {**base, **fields}
+            line.update(base)  # the handler's fields never replace these
+        log_fields(self._logger, level, "rpc", line)
 
-    def _wrap(self, handler: Handler, labels: tuple[str, str, str]) -> Handler:
+    def _wrap(self, handler: Handler, method: _Method) -> Handler:
         if handler.request_streaming and handler.response_streaming:
             assert handler.stream_stream is not None
             return grpc.stream_stream_rpc_method_handler(
-                self._streaming_response(handler.stream_stream, labels, streaming_request=True),
+                self._streaming_response(handler.stream_stream, method, streaming_request=True),
                 handler.request_deserializer,
                 handler.response_serializer,
             )
         if handler.request_streaming:
             assert handler.stream_unary is not None
             return grpc.stream_unary_rpc_method_handler(
-                self._unary_response(handler.stream_unary, labels, streaming_request=True),
+                self._unary_response(handler.stream_unary, method, streaming_request=True),
                 handler.request_deserializer,
                 handler.response_serializer,
             )
         if handler.response_streaming:
             assert handler.unary_stream is not None
             return grpc.unary_stream_rpc_method_handler(
-                self._streaming_response(handler.unary_stream, labels, streaming_request=False),
+                self._streaming_response(handler.unary_stream, method, streaming_request=False),
                 handler.request_deserializer,
                 handler.response_serializer,
             )
         assert handler.unary_unary is not None
         return grpc.unary_unary_rpc_method_handler(
-            self._unary_response(handler.unary_unary, labels, streaming_request=False),
+            self._unary_response(handler.unary_unary, method, streaming_request=False),
             handler.request_deserializer,
             handler.response_serializer,
         )
 
     def _unary_response(
+        self, behavior: Callable[..., Any], method: _Method, *, streaming_request: bool
+    ) -> Callable[[Any, Context], Awaitable[Any]]:
+        if not inspect.iscoroutinefunction(behavior):
+            return self._sync(behavior, method, streaming_request=streaming_request)
+        return self._async(behavior, method, _UNARY, streaming_request=streaming_request)
+
+    def _streaming_response(
+        self, behavior: Callable[..., Any], method: _Method, *, streaming_request: bool
+    ) -> Callable[[Any, Context], Awaitable[Any]]:
+        if inspect.isasyncgenfunction(behavior):
+            return self._async(behavior, method, _GENERATED, streaming_request=streaming_request)
+        if inspect.iscoroutinefunction(behavior):
+            return self._async(behavior, method, _WRITTEN, streaming_request=streaming_request)
+        return self._sync(behavior, method, streaming_request=streaming_request)
+
+    def _async(
         self,
         behavior: Callable[..., Any],
-        labels: tuple[str, str, str],
+        method: _Method,
+        answers: str,
         *,
         streaming_request: bool,
     ) -> Callable[[Any, Context], Awaitable[Any]]:
-        if not inspect.iscoroutinefunction(behavior):
-            return self._sync(behavior, labels, streaming_request=streaming_request)
+        """Count one async call from its request to its end, whatever ends it.
 
-        async def handle(request: Any, context: Context) -> Any:
-            with self._accounted(labels, context, request, streaming_request) as (call, counted):
-                response = await behavior(counted, _ContextProxy(context, call))
-                code = context.code()
-                if code is None or code is grpc.StatusCode.OK:
-                    call.message_sent()
-                return response
+        The handler gets a counting iterator when requests stream, and its
+        exception, a cancellation included, is what ``finish`` turns into the
+        code. Probes and reflection are not traced: a kubelet probe would start
+        a trace every few seconds per pod.
 
-        return handle
+        Async generators are driven here with context.write() rather than
+        handed back to grpc.aio: a cancellation then surfaces in this
+        coroutine (not later, in the generator's finaliser), and the
+        handler's own cleanup runs before the call is accounted for.
+        """
+        tracer = NO_TRACING if method.quiet else self.tracer
 
-    def _streaming_response(
-        self,
-        behavior: Callable[..., Any],
-        labels: tuple[str, str, str],
-        *,
-        streaming_request: bool,
-    ) -> Callable[[Any, Context], Awaitable[None]]:
-        # Async generators are driven here with context.write() rather than
-        # handed back to grpc.aio: a cancellation then surfaces in this
-        # coroutine (not later, in the generator's finaliser), and the
-        # handler's own cleanup runs before the call is accounted for.
-        is_generator = inspect.isasyncgenfunction(behavior)
-        if not is_generator and not inspect.iscoroutinefunction(behavior):
-            return self._sync(behavior, labels, streaming_request=streaming_request)
-
-        async def handle(request: Any, context: Context) -> None:
-            with self._accounted(labels, context, request, streaming_request) as (call, counted):
+        async def account(call: _Call, request: Any, context: Context) -> Any:
+            exc: BaseException | None = None
+            try:
+                if streaming_request:
+                    request = _CountingIterator(request, call)
+                else:
+                    call.message_received()
                 proxy = _ContextProxy(context, call)
-                if not is_generator:
-                    await behavior(counted, proxy)
-                    return
-                responses: AsyncIterator[Any] = behavior(counted, proxy)
+                if answers is _WRITTEN:
+                    return await behavior(request, proxy)
+                if answers is _UNARY:
+                    response = await behavior(request, proxy)
+                    code = context.code()
+                    if code is None or code is grpc.StatusCode.OK:
+                        call.message_sent()
+                    return response
+                responses = behavior(request, proxy)
                 try:
                     async for response in responses:
                         await context.write(response)
                         call.message_sent()
                 finally:
-                    await responses.aclose()  # type: ignore[attr-defined]
-
-        return handle
-
-    @contextlib.contextmanager
-    def _accounted(
-        self,
-        labels: tuple[str, str, str],
-        context: Context,
-        request: Any,
-        streaming_request: bool,
-    ) -> Iterator[tuple[_Call, Any]]:
-        """Count one async call from its request to its end, whatever ends it.
-
-        Yields the call's accounting and the request to hand the handler (a
-        counting iterator when requests stream). The handler's exception, a
-        cancellation included, is what ``finish`` turns into the code.
-        """
-        call = _Call(self, labels)
-        exc: BaseException | None = None
-        # Probes and reflection are not traced: a kubelet probe would start a trace every
-        # few seconds per pod.
-        tracer = NO_TRACING if labels[1] in self._quiet_services else self.tracer
-        with (
-            bind_rpc_log_fields() as fields,
-            tracer.server_span(labels[1], labels[2], context.invocation_metadata) as span,
-        ):
-            call.fields = fields
-            call.span = span
-            if streaming_request:
-                request = _CountingIterator(request, call)
-            else:
-                call.message_received()
-            try:
-                yield call, request
+                    await responses.aclose()
+                return None
             except BaseException as error:
                 exc = error
                 raise
             finally:
                 call.finish(context, exc)
 
+        async def handle(request: Any, context: Context) -> Any:
+            call = _Call(self, method)
+            token = bind_rpc_fields(call.fields)
+            try:
+                if not tracer.enabled:
+                    return await account(call, request, context)
+                with tracer.server_span(
+                    method.service, method.name, context.invocation_metadata
+                ) as span:
+                    call.span = span
+                    return await account(call, request, context)
+            finally:
+                unbind_rpc_fields(token)
+
+        return handle
+
     def _sync(
         self,
         behavior: Callable[..., Any],
-        labels: tuple[str, str, str],
+        method: _Method,
         *,
         streaming_request: bool,
     ) -> Callable[[Any, Any], Any]:
@@ -491,11 +557,11 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         Sync handlers get no :func:`rpc_log_fields` binding: a generator's
         steps may run in different threads, each with its own context.
         """
-        response_streaming = labels[0] in ("server_stream", "bidi_stream")
+        response_streaming = method.grpc_type in ("server_stream", "bidi_stream")
 
         def handle(request: Any, sync_context: Any) -> Any:
             context = _SyncContextProxy(sync_context)
-            call = _Call(self, labels)
+            call = _Call(self, method)
             if streaming_request:
                 request = _SyncCountingIterator(request, call)
             else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from imageshare_client import AsyncImageShareClient, RetryPolicy
 from imageshare_emulator import Emulator
 from imageshare_server import app as app_module
 from imageshare_server.core.types import Account, ShareKey, ShareList
+from imageshare_server.grpcapi.service import SERVICE_NAME
 from imageshare_server.listing.source import ShareChunk
 from imageshare_server.watch.hub import WatchHub, next_poll, phase
 from tests.support.attacks import WATCH_PATH, ZeroWindowAttacker, grpc_frame
@@ -546,6 +548,27 @@ async def test_drain_ends_watches_with_unavailable_at_once_while_listings_finish
         assert not listing.done()  # the listing is still being served
         assert (await listing)[0].total_count == 2
         await drain
+        # Ended as a drain is meant to end them: their RPC lines are INFO, not WARNING
+        # (UNAVAILABLE otherwise means a server fault), and they are counted as they are.
+        ended_watches = [
+            r
+            for r in app.logs.records
+            if r.name == "imageshare.rpc" and r.fields["method"].endswith("/WatchImageShares")  # type: ignore[attr-defined]
+        ]
+        assert len(ended_watches) == 3
+        assert {(r.levelno, r.fields["code"]) for r in ended_watches} == {  # type: ignore[attr-defined]
+            (logging.INFO, "Unavailable")
+        }
+        watch_labels = {"grpc_service": SERVICE_NAME, "grpc_method": "WatchImageShares"}
+        assert (
+            app.metric(
+                "grpc_server_handled_total",
+                grpc_type="server_stream",
+                grpc_code="Unavailable",
+                **watch_labels,
+            )
+            == 3
+        )
 
 
 @pytest.fixture
@@ -638,6 +661,9 @@ class _ListSource:
 
     def _list(self) -> ShareList:
         return ShareList(self.key, self.accounts, (), (), self.clock.time(), self.clock.monotonic())
+
+    def cached(self, query: object) -> None:
+        return None  # nothing cached: every first read streams
 
     def stream(
         self, query: object, *, deadline: float | None, caller: str = ""

@@ -11,6 +11,7 @@ from imageshare_server.cache import CachePolicy, Freshness, ShareCache
 from imageshare_server.config import parse_settings, split_host_port
 from imageshare_server.core.clock import SYSTEM_CLOCK
 from imageshare_server.core.errors import (
+    InvalidRequestError,
     ListingUnstableError,
     UpstreamApiError,
     UpstreamTransportError,
@@ -23,7 +24,13 @@ from imageshare_server.core.types import (
     SharePage,
     ShareQuery,
 )
-from imageshare_server.grpcapi.messages import MessageBuilder, build_cached_messages, hit_suffix
+from imageshare_server.grpcapi import validation
+from imageshare_server.grpcapi.messages import (
+    PROTO_CACHE_STATUS,
+    MessageBuilder,
+    build_cached_messages,
+    hit_suffix,
+)
 from imageshare_server.grpcapi.status import aip193_reason
 from imageshare_server.listing.flight import Flight, FlightOptions, FlightSpec
 from imageshare_server.listing.snapshot import SnapshotChecker
@@ -256,6 +263,33 @@ def test_cached_hit_bytes_plus_suffix_parse_as_a_whole_message() -> None:
     assert [len(m.accounts) for m in messages] == [5, 2]
     assert {m.cache_status for m in messages} == {image_share_pb2.CACHE_STATUS_HIT}
     assert all(m.total_count == 7 and m.region_id == "cn-hangzhou" for m in messages)
+
+
+@pytest.mark.parametrize("status", list(CacheStatus))
+@pytest.mark.parametrize(
+    "age_ns", [0, 1, 127, 128, 999_999_999, 1_000_000_000, 1_500_000_000, 86_400 * 10**9 + 7]
+)
+def test_hit_suffix_is_what_protobuf_serializes(status: CacheStatus, age_ns: int) -> None:
+    class Clock:
+        def monotonic(self) -> float:
+            return 100.0 + age_ns / 1e9
+
+    clock = Clock()
+    expected = image_share_pb2.ListImageSharesResponse(cache_status=PROTO_CACHE_STATUS[status])
+    expected.cache_age.FromNanoseconds(max(0, int((clock.monotonic() - 100.0) * 1e9)))
+    assert hit_suffix(status, 100.0, clock) == expected.SerializeToString()  # type: ignore[arg-type]
+
+
+def test_validation_remembers_valid_queries_only_and_within_its_bound() -> None:
+    request = image_share_pb2.ListImageSharesRequest
+    good = request(region_id="cn-hangzhou", image_id="m-memo0001", page_size=7)
+    assert validation.validate(good) is validation.validate(good)
+    assert validation.validate(good).page_size == 7
+    with pytest.raises(InvalidRequestError):
+        validation.validate(request(region_id="cn-hangzhou", image_id="nope"))
+    for i in range(validation._MAX_VALID + 10):
+        validation.validate(request(region_id="cn-hangzhou", image_id=f"m-memo{i}"))
+    assert len(validation._VALID) <= validation._MAX_VALID
 
 
 # --- configuration -------------------------------------------------------------------

@@ -163,6 +163,16 @@ class ShareCache:
         self._entries.move_to_end(key)
         return entry
 
+    def fresh(self, key: ShareKey) -> CacheEntry | None:
+        """The entry of ``key`` while it is fresh (a use, for the LRU); else None, and then
+        nothing changes: ``get`` is what drops an expired entry."""
+        self._maybe_sweep()
+        entry = self._entries.get(key)
+        if entry is None or self.freshness(entry) is not Freshness.FRESH:
+            return None
+        self._entries.move_to_end(key)
+        return entry
+
     def put(self, shares: ShareList) -> CacheEntry | None:
         """Keep ``shares`` unless an entry read later is already there."""
         if not self.policy.enabled:

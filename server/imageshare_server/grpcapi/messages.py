@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import TypeAlias
 
-from google.protobuf import timestamp_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 
 from imageshare.v1 import image_share_pb2
 from imageshare_server.cache import CacheEntry
@@ -60,11 +60,46 @@ def build_cached_messages(entry: CacheEntry, query: ShareQuery) -> Callable[[], 
     return build
 
 
+_SMALL_VARINTS = [bytes((value,)) for value in range(0x80)]
+
+
+def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return _SMALL_VARINTS[value]
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _tag(field: int, wire_type: int) -> bytes:
+    return _varint(field << 3 | wire_type)
+
+
+_VARINT, _LENGTH_DELIMITED = 0, 2
+_STATUS_FIELDS = {
+    status: _tag(Response.CACHE_STATUS_FIELD_NUMBER, _VARINT) + _varint(value)
+    for status, value in PROTO_CACHE_STATUS.items()
+    if status is not None
+}
+_AGE_TAG = _tag(Response.CACHE_AGE_FIELD_NUMBER, _LENGTH_DELIMITED)
+_SECONDS_TAG = _tag(duration_pb2.Duration.SECONDS_FIELD_NUMBER, _VARINT)
+_NANOS_TAG = _tag(duration_pb2.Duration.NANOS_FIELD_NUMBER, _VARINT)
+
+
 def hit_suffix(status: CacheStatus, stored_monotonic: float, clock: Clock) -> bytes:
-    message = Response(cache_status=PROTO_CACHE_STATUS[status])
+    """``cache_status`` and ``cache_age`` of one call, serialized as protobuf would.
+
+    Written out by hand: it is the one thing a cache hit serializes, on every call.
+    """
     age = max(0, int((clock.monotonic() - stored_monotonic) * 1e9))
-    message.cache_age.FromNanoseconds(age)
-    return message.SerializeToString()
+    seconds, nanos = divmod(age, 1_000_000_000)
+    duration = (_SECONDS_TAG + _varint(seconds) if seconds else b"") + (
+        _NANOS_TAG + _varint(nanos) if nanos else b""
+    )
+    return _STATUS_FIELDS[status] + _AGE_TAG + _varint(len(duration)) + duration
 
 
 def account_message(account: Account) -> image_share_pb2.SharedAccount:

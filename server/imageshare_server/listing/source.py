@@ -38,11 +38,12 @@ every upstream attempt of the read it followed, failed ones included.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 from imageshare_server.cache import CacheEntry, Freshness, ShareCache
 from imageshare_server.core.clock import SYSTEM_CLOCK, Clock
@@ -95,10 +96,23 @@ class ShareChunk:
     entry: CacheEntry | None = None
 
 
+# A cached list as a hit serves it: the entry, and what the caller is told it is.
+Served: TypeAlias = tuple[CacheEntry, CacheStatus]
+
+
 class ShareSource(Protocol):
+    def cached(self, query: ShareQuery) -> Served | None:
+        """A fresh cache entry for ``query``, counted as a hit as ``stream`` counts it; None
+        when the call needs ``stream`` (a read, a stale entry, the shared tier, a negative
+        entry, ``bypass_cache``).
+
+        Synchronous: a hit costs no async generator.
+        """
+        ...
+
     def stream(
         self, query: ShareQuery, *, deadline: float | None, caller: str = ""
-    ) -> AsyncIterator[ShareChunk]:
+    ) -> AsyncGenerator[ShareChunk, None]:
         """Yield the share list of ``query.key`` in order.
 
         ``deadline`` is ``Clock.monotonic()``; ``caller`` says who asks (callers
@@ -158,24 +172,19 @@ async def read_whole(
     request_ids: list[str] = []
     status: CacheStatus | None = None
     read_time = 0.0
-    async for chunk in source.stream(query, deadline=deadline, caller=caller):
-        entry = chunk.entry
-        if entry is not None and entry.shares is not None:
-            # A cached list comes whole, in one chunk, and nothing before it.
-            shares = entry.shares
-            return ShareAnswer(
-                query.key,
-                shares.accounts,
-                shares.share_groups,
-                (),
-                chunk.cache_status,
-                shares.read_time,
-                entry,
-            )
-        if groups is None:
-            groups, status, read_time = chunk.share_groups, chunk.cache_status, chunk.read_time
-        accounts.extend(chunk.accounts)
-        request_ids.extend(chunk.request_ids)
+    hit = source.cached(query)
+    if hit is not None:
+        return _cached_answer(query, *hit)
+    chunks = source.stream(query, deadline=deadline, caller=caller)
+    async with contextlib.aclosing(chunks):
+        async for chunk in chunks:
+            if chunk.entry is not None and chunk.entry.shares is not None:
+                # A cached list comes whole, in one chunk, and nothing before it.
+                return _cached_answer(query, chunk.entry, chunk.cache_status)
+            if groups is None:
+                groups, status, read_time = chunk.share_groups, chunk.cache_status, chunk.read_time
+            accounts.extend(chunk.accounts)
+            request_ids.extend(chunk.request_ids)
     return ShareAnswer(
         query.key,
         tuple(accounts),
@@ -183,6 +192,16 @@ async def read_whole(
         tuple(request_ids),
         status,
         read_time,
+    )
+
+
+def _cached_answer(
+    query: ShareQuery, entry: CacheEntry, cache_status: CacheStatus | None
+) -> ShareAnswer:
+    shares = entry.shares
+    assert shares is not None
+    return ShareAnswer(
+        query.key, shares.accounts, shares.share_groups, (), cache_status, shares.read_time, entry
     )
 
 
@@ -338,9 +357,19 @@ class SharedShareSource:
             return entry
         return self._cache.put(stored) or entry
 
+    def cached(self, query: ShareQuery) -> Served | None:
+        if query.bypass_cache:
+            return None
+        entry = self._cache.fresh(query.key)
+        if entry is None or entry.error is not None:
+            return None
+        with self._tracer.span(CACHE_SPAN) as span:
+            self._counted(span, "hit")
+        return entry, CacheStatus.HIT
+
     async def stream(
         self, query: ShareQuery, *, deadline: float | None, caller: str = ""
-    ) -> AsyncIterator[ShareChunk]:
+    ) -> AsyncGenerator[ShareChunk, None]:
         # The span covers the decision only: it must not stay current across a yield.
         with self._tracer.span(CACHE_SPAN) as span:
             plan = await self._plan(query, deadline, span)
@@ -407,7 +436,7 @@ class SharedShareSource:
         return flight.result
 
     def _counted(self, span: Span, result: str) -> None:
-        self._metrics.cache_requests.labels(result).inc()
+        self._metrics.cache_results[result].inc()
         span.set("imageshare.cache.result", result)
 
     def _from_cache(self, entry: CacheEntry, span: Span) -> ShareChunk | None:

@@ -270,8 +270,10 @@ class ServiceMetrics:
 
     def _initialize(self) -> None:
         """Zero-valued series for the label values known without any traffic."""
-        for result in CACHE_RESULTS:
-            self.cache_requests.labels(result)
+        # Kept: every call counts one, and a labelled lookup per call is not free.
+        self.cache_results = {
+            result: self.cache_requests.labels(result) for result in CACHE_RESULTS
+        }
         for reason in STALE_REASONS:
             self.cache_stale_serves.labels(reason)
         for reason in EVICTION_REASONS:

@@ -14,10 +14,12 @@ accounts) and a three-message one (120 accounts), both at the default page size.
 With two or more CPUs the servers are pinned to the first and the caller to
 the others (``--no-pin``: everything shares them). ``--profile DIR`` also
 records the server under the same load with py-spy, one more block per
-listing, and prints the functions that took the most samples.
+listing, and prints the functions that took the most samples. ``--compare
+DIR`` runs the server of another source tree (a checkout of an earlier
+commit) as a third target in the same blocks: a before and after in one run.
 
     .venv/bin/python bench/cpu.py [--streams 2000] [--rounds 5] [--profile DIR]
-        [--server-arg=--log-level --server-arg=warning]
+        [--compare DIR] [--server-arg=--cache-ttl --server-arg=300]
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 
@@ -216,7 +218,7 @@ def _spread(values: Sequence[float], fmt: str) -> str:
     return f"{mid} ({low} to {high})"
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--streams", type=int, default=2000, help="listings per block")
     parser.add_argument("--rounds", type=int, default=5, help="blocks per server and listing")
@@ -232,11 +234,111 @@ def main() -> None:
     )
     parser.add_argument("--profile", type=Path, help="also record the server with py-spy into DIR")
     parser.add_argument("--top", type=int, default=25, help="functions shown per profile")
+    parser.add_argument("--raw", action="store_true", help="also print every block's figures")
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        help="also measure the server of another source tree (its server/ directory) next to "
+        "this one: a checkout of an earlier commit, for a before and after in one run",
+    )
     parser.add_argument(
         "--server-arg", action="append", default=[], help="an extra flag for the server"
     )
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+Result: TypeAlias = tuple[str, int, dict[str, dict[str, Any]]]
+
+
+def measure(
+    args: argparse.Namespace,
+    servers: dict[str, QuietServer],
+    listings: list[tuple[str, int]],
+) -> tuple[list[Result], str]:
+    """Each listing against every server and its floor; the results and a sample RPC line."""
+    server = servers["facade"]
+    split = cpu_split(not args.no_pin)
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for image_id, count in listings:
+            request = image_share_pb2.ListImageSharesRequest(region_id=REGION, image_id=image_id)
+            for each in servers.values():  # warms each cache
+                with grpc.insecure_channel(each.target) as channel:
+                    stub = image_share_pb2_grpc.ImageShareServiceStub(channel)
+                    messages = list(stub.ListImageShares(request, timeout=30))
+                    assert sum(len(m.accounts) for m in messages) == count
+            path = Path(tmp) / f"{image_id}.bin"
+            with grpc.insecure_channel(server.target) as channel:
+                write_messages(path, capture(channel, request))
+            floor = Process(
+                [sys.executable, str(HERE / "floor_server.py"), str(path)], base_env(), "serving"
+            )
+            try:
+                if split:
+                    for pid in (*(s.proc.pid for s in servers.values()), floor.proc.pid):
+                        pin_process(pid, split[0])
+                targets = {"floor": (f"127.0.0.1:{floor.ready['grpc_port']}", floor.proc.pid)}
+                targets.update({name: (s.target, s.proc.pid) for name, s in servers.items()})
+                caller_cpus = split[1] if split else None
+                blocks = run_caller(image_id, count, targets, args, caller_cpus, rounds=args.rounds)
+                results.append((image_id, len(messages), summarize(blocks)))
+                if args.raw:
+                    for block in blocks:
+                        print(json.dumps({"image": image_id, **block}), file=sys.stderr)
+                if args.profile:
+                    args.profile.mkdir(parents=True, exist_ok=True)
+                    out = args.profile / f"facade-{len(messages)}msg.txt"
+                    profile(server, (image_id, count), args, caller_cpus, out)
+            finally:
+                floor.stop()
+    where = (
+        f"servers on CPU {min(split[0])}, caller on CPU {','.join(map(str, sorted(split[1])))}"
+        if split
+        else "servers and caller share the CPUs"
+    )
+    return results, where
+
+
+def report(args: argparse.Namespace, results: list[Result], where: str, sample_line: str) -> None:
+    extra = " ".join(args.server_arg) or "none"
+    print(
+        f"\nWarm listings, {args.concurrency} concurrent callers on one grpc.aio channel; "
+        f"{args.rounds} alternating blocks of {args.streams} listings per server; {where}; "
+        f"server flags beyond the defaults: {extra}. Server CPU is utime + stime of the whole "
+        "process (/proc/<pid>/stat); median over the blocks (range).\n"
+    )
+    print(
+        "| listing | server | CPU per stream (µs) | of which system (µs) | streams/s "
+        "| ratio to floor |"
+    )
+    print("|---|---|---|---|---|---|")
+    names = {
+        "floor": "bare grpc.aio (floor)",
+        "facade": "imageshare-server",
+        "baseline": f"imageshare-server from {args.compare}",
+    }
+    for image_id, sent, summary in results:
+        count = dict(LISTINGS)[image_id]
+        for target, name in names.items():
+            if target not in summary:
+                continue
+            data = summary[target]
+            ratio = "1.00" if target == "floor" else _spread(data["ratios"], ".2f") + "x"
+            print(
+                f"| {count} accounts, {sent} message{'s' if sent > 1 else ''} | {name} | "
+                f"{_spread(data['us'], '.0f')} | {statistics.median(data['system']):.0f} | "
+                f"{_spread(data['rates'], ',.0f')} | {ratio} |"
+            )
+    if sample_line:
+        print(f"\nThe server's last RPC log line:\n\n    {sample_line}")
+    if args.profile:
+        for path in sorted(args.profile.glob("facade-*msg.txt")):
+            print(f"\nProfile of the server ({path.name}, py-spy, Python frames):\n")
+            print(profile_summary(path, args.top))
+
+
+def main() -> None:
+    args = parse_args()
     emulator = EmulatorProcess()
     admin = EmulatorAdmin(emulator.url)
     admin.set(latency_ms=args.latency_ms)
@@ -252,85 +354,23 @@ def main() -> None:
                 ],
             }
         )
-    server = QuietServer(*args.server_arg, upstream=emulator.url)
-    floors: list[Process] = []
-    split = cpu_split(not args.no_pin)
-    results: list[tuple[str, int, dict[str, dict[str, Any]]]] = []
-    sample_line = ""
+    servers: dict[str, QuietServer] = {}
     try:
-        with tempfile.TemporaryDirectory() as tmp, grpc.insecure_channel(server.target) as channel:
-            stub = image_share_pb2_grpc.ImageShareServiceStub(channel)
-            for image_id, count in listings:
-                request = image_share_pb2.ListImageSharesRequest(
-                    region_id=REGION, image_id=image_id
-                )
-                messages = list(stub.ListImageShares(request, timeout=30))  # warms the cache
-                assert sum(len(m.accounts) for m in messages) == count
-                path = Path(tmp) / f"{image_id}.bin"
-                write_messages(path, capture(channel, request))
-                floor = Process(
-                    [sys.executable, str(HERE / "floor_server.py"), str(path)],
-                    base_env(),
-                    "serving",
-                )
-                floors.append(floor)
-                if split:
-                    for pid in (server.proc.pid, floor.proc.pid):
-                        pin_process(pid, split[0])
-                targets = {
-                    "floor": (f"127.0.0.1:{floor.ready['grpc_port']}", floor.proc.pid),
-                    "facade": (server.target, server.proc.pid),
-                }
-                blocks = run_caller(
-                    image_id, count, targets, args, split[1] if split else None, rounds=args.rounds
-                )
-                results.append((image_id, len(messages), summarize(blocks)))
-                sample_line = server.last_rpc_line
-                if args.profile:
-                    args.profile.mkdir(parents=True, exist_ok=True)
-                    out = args.profile / f"facade-{len(messages)}msg.txt"
-                    profile(server, (image_id, count), args, split[1] if split else None, out)
-                floor.stop()
-    finally:
-        for floor in floors:
-            floor.stop()
-        server.stop()
-        emulator.stop()
-
-    where = (
-        f"servers on CPU {min(split[0])}, caller on CPU {','.join(map(str, sorted(split[1])))}"
-        if split
-        else "servers and caller share the CPUs"
-    )
-    extra = " ".join(args.server_arg) or "none"
-    print(
-        f"\nWarm listings, {args.concurrency} concurrent callers on one grpc.aio channel; "
-        f"{args.rounds} alternating blocks of {args.streams} listings per server; {where}; "
-        f"server flags beyond the defaults: {extra}. Server CPU is utime + stime of the whole "
-        "process (/proc/<pid>/stat); median over the blocks (range).\n"
-    )
-    print(
-        "| listing | server | CPU per stream (µs) | of which system (µs) | streams/s "
-        "| ratio to floor |"
-    )
-    print("|---|---|---|---|---|---|")
-    for image_id, sent, summary in results:
-        count = dict(LISTINGS)[image_id]
-        for target in ("floor", "facade"):
-            data = summary[target]
-            name = "bare grpc.aio (floor)" if target == "floor" else "imageshare-server"
-            ratio = "1.00" if target == "floor" else _spread(data["ratios"], ".2f") + "x"
-            print(
-                f"| {count} accounts, {sent} message{'s' if sent > 1 else ''} | {name} | "
-                f"{_spread(data['us'], '.0f')} | {statistics.median(data['system']):.0f} | "
-                f"{_spread(data['rates'], ',.0f')} | {ratio} |"
+        servers["facade"] = QuietServer(*args.server_arg, upstream=emulator.url)
+        if args.compare:
+            # The same server from another source tree (`git worktree add DIR COMMIT`).
+            source = str(args.compare.resolve() / "server")
+            path = os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))
+            servers["baseline"] = QuietServer(
+                *args.server_arg, upstream=emulator.url, env={"PYTHONPATH": path}
             )
-    if sample_line:
-        print(f"\nThe server's last RPC log line:\n\n    {sample_line}")
-    if args.profile:
-        for path in sorted(args.profile.glob("facade-*msg.txt")):
-            print(f"\nProfile of the server ({path.name}, py-spy, Python frames):\n")
-            print(profile_summary(path, args.top))
+        results, where = measure(args, servers, listings)
+        sample_line = servers["facade"].last_rpc_line
+    finally:
+        for server in servers.values():
+            server.stop()
+        emulator.stop()
+    report(args, results, where, sample_line)
 
 
 if __name__ == "__main__":

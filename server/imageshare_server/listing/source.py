@@ -363,8 +363,11 @@ class SharedShareSource:
         entry = self._cache.fresh(query.key)
         if entry is None or entry.error is not None:
             return None
-        with self._tracer.span(CACHE_SPAN) as span:
-            self._counted(span, "hit")
+        if self._tracer.enabled:
+            with self._tracer.span(CACHE_SPAN) as span:
+                self._counted(span, "hit")
+        else:
+            self._metrics.cache_results["hit"].inc()
         return entry, CacheStatus.HIT
 
     async def stream(

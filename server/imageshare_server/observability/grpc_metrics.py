@@ -27,14 +27,16 @@ per streamed message.
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from typing import Any, Protocol, TypeAlias
 
 import grpc
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, Metric
+from prometheus_client.registry import Collector
 
 from imageshare_server.observability.logging import (
     RpcFields,
@@ -121,6 +123,50 @@ def _grpc_type(handler: Handler) -> str:
     return "unary"
 
 
+# Updates queued before they are applied together (or before any collection).
+UPDATE_BATCH = 256
+
+
+class _Updates(Collector):
+    """The metric updates of calls, queued and applied in batches.
+
+    A call queues its updates (a counter child to increment, or a histogram child, a
+    value and an exemplar to observe) and goes on; every ``UPDATE_BATCH`` of them are
+    applied together, and all of them before the registry collects (this collector is
+    registered before the metrics, so a scrape, or a test reading the registry, sees
+    every update queued until then). The queue is a deque: appends and pops from any
+    thread (sync handlers run in an executor) are atomic.
+    """
+
+    def __init__(self) -> None:
+        self._queue: collections.deque[Any] = collections.deque()
+
+    def add(self, update: Any) -> None:
+        self._queue.append(update)
+        if len(self._queue) >= UPDATE_BATCH:
+            self.apply()
+
+    def apply(self) -> None:
+        pop = self._queue.popleft
+        while True:
+            try:
+                update = pop()
+            except IndexError:
+                return
+            if type(update) is tuple:
+                histogram, value, exemplar_labels = update
+                histogram.observe(value, exemplar_labels)
+            else:
+                update.inc()
+
+    def collect(self) -> Iterable[Metric]:
+        self.apply()
+        return ()
+
+    def describe(self) -> Iterable[Metric]:
+        return ()
+
+
 class _Method:
     """What every call of one method shares: its labels and metric children, resolved once."""
 
@@ -165,6 +211,7 @@ class _Call:
         "_finished",
         "_interceptor",
         "_start",
+        "_updates",
         "fields",
         "method",
         "received",
@@ -181,15 +228,16 @@ class _Call:
         self.span: Span = NO_SPAN
         self._finished = False
         self._start = time.perf_counter()
-        method.started.inc()
+        self._updates = interceptor.updates
+        self._updates.add(method.started)
 
     def message_received(self) -> None:
         self.received += 1
-        self.method.received.inc()
+        self._updates.add(self.method.received)
 
     def message_sent(self) -> None:
         self.sent += 1
-        self.method.sent.inc()
+        self._updates.add(self.method.sent)
 
     def finish(self, context: _StatusSource, exc: BaseException | None) -> None:
         if self._finished:
@@ -198,8 +246,8 @@ class _Call:
         duration = time.perf_counter() - self._start
         code = _final_code(context, exc)
         method = self.method
-        method.handled_child(code).inc()
-        method.seconds.observe(duration, exemplar())
+        self._updates.add(method.handled_child(code))
+        self._updates.add((method.seconds, duration, exemplar()))
         interceptor = self._interceptor
         if interceptor.log_rpcs:
             interceptor.log_call(self, context, code, duration)
@@ -334,6 +382,9 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         self._logger = logger
         # Full method name -> (the handler grpc found, its wrapped form).
         self._wrapped: dict[str, tuple[Handler, Handler]] = {}
+        self.updates = _Updates()
+        if registry is not None:
+            registry.register(self.updates)  # first: it applies the queue before the rest
         self.started = Counter(
             "grpc_server_started_total",
             "Total number of RPCs started on the server.",
@@ -424,11 +475,9 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
             "msg_received": call.received,
             "msg_sent": call.sent,
         }
-        if fields:
-            base = line
-            line = {**base, **fields}
-            line.update(base)  # the handler's fields never replace these
-        log_fields(self._logger, level, "rpc", line)
+        # The handler's fields come after these and never replace them; a copy, since the
+        # line may be formatted a little later (a task the handler started may still hold them).
+        log_fields(self._logger, level, "rpc", line, dict(fields) if fields else None)
 
     def _wrap(self, handler: Handler, method: _Method) -> Handler:
         if handler.request_streaming and handler.response_streaming:

@@ -38,9 +38,9 @@ import traceback
 from collections.abc import Callable, Mapping, Set
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeAlias
 
-from imageshare_server.observability.tracing import current_span_ids
+from imageshare_server.observability.tracing import SpanIds, current_span_ids
 from imageshare_server.redaction import has_string_to_sign, redact, redact_encoded
 
 __all__ = [
@@ -174,7 +174,13 @@ class JsonFormatter(logging.Formatter):
     """
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = _head(record.created, record.levelname.lower(), record.name, record.getMessage())
+        entry = _head(
+            record.created,
+            record.levelname.lower(),
+            record.name,
+            record.getMessage(),
+            current_span_ids(),
+        )
         for key, value in record.__dict__.items():
             if key in _RECORD_ATTRIBUTES:
                 continue
@@ -192,16 +198,30 @@ class JsonFormatter(logging.Formatter):
         return encode_redacted(entry)
 
     def format_fields(
-        self, created: float, level: int, name: str, msg: str, fields: Mapping[str, Any]
+        self,
+        created: float,
+        level: int,
+        name: str,
+        msg: str,
+        fields: Mapping[str, Any],
+        *,
+        more: Mapping[str, Any] | None = None,
+        span: SpanIds | None = None,
     ) -> str:
-        """The line :meth:`format` writes for ``extra={"fields": fields}`` and nothing else."""
-        head = _head(created, _level_name(level), name, msg)
-        entry = {**head, **fields}
-        entry.update(head)  # the head's keys keep their values, as with setdefault
+        """The line :meth:`format` writes for ``extra={"fields": fields}`` and nothing else
+        (with the keys of ``more`` that ``fields`` lacks), inside the span of ``span`` (the
+        ids current when the line was logged)."""
+        head = _head(created, _level_name(level), name, msg, span)
+        if more:
+            entry = {**head, **fields, **more}
+            entry.update(fields)  # earlier keys keep their values, as with setdefault
+        else:
+            entry = {**head, **fields}
+        entry.update(head)
         return encode_redacted(entry)
 
 
-def _head(created: float, level: str, name: str, msg: str) -> dict[str, Any]:
+def _head(created: float, level: str, name: str, msg: str, span: SpanIds | None) -> dict[str, Any]:
     """The keys every line starts with; inside a traced span, its ids."""
     entry: dict[str, Any] = {
         "ts": _TIMESTAMPS.format(created),
@@ -209,7 +229,6 @@ def _head(created: float, level: str, name: str, msg: str) -> dict[str, Any]:
         "logger": name,
         "msg": msg,
     }
-    span = current_span_ids()
     if span is not None:
         entry["trace_id"] = span.trace_hex
         entry["span_id"] = span.span_hex
@@ -236,31 +255,38 @@ class RedactingFilter(logging.Filter):
         return True
 
 
-# Lines of log_fields written on an event loop are gathered and written together at
-# most this long after the first of them (one write, and one wake-up of whatever reads
-# the stream, for every line of that moment), or at once when this many are waiting.
+# Lines of log_fields logged on an event loop are gathered, then formatted and written
+# together at most this long after the first of them (one write, and one wake-up of
+# whatever reads the stream, for all the lines of that moment; and the formatting of many
+# lines in a row, which costs less than one at a time between calls), or at once when
+# this many are waiting.
 GATHER_SECONDS = 0.01
 GATHER_LINES = 256
+
+# A line logged but not yet formatted: when, level, logger, msg, fields, more, span ids.
+_Pending: TypeAlias = tuple[
+    float, int, str, str, Mapping[str, Any], Mapping[str, Any] | None, SpanIds | None
+]
 
 
 class _StderrJsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """The handler :func:`configure_logging` installs; its class marks it for replacement.
 
-    Besides records, it takes whole lines from :func:`log_fields`, and gathers those
-    written on an event loop for up to ``GATHER_SECONDS``. Every record it emits, and
-    every flush (``logging.shutdown`` at exit included), writes the gathered lines
-    first, so the stream keeps the order in which lines were logged.
+    Besides records, it takes lines from :func:`log_fields`, and gathers those logged on
+    an event loop for up to ``GATHER_SECONDS``. Every record it emits, and every flush
+    (``logging.shutdown`` at exit included), writes the gathered lines first, so the
+    stream keeps the order in which lines were logged.
     """
 
     def __init__(self, stream: TextIO) -> None:
         super().__init__(stream)
-        self._gathered: list[str] = []
+        self._gathered: list[_Pending] = []
         # The loop (and its thread) whose timer will write them.
         self._flush_thread: int | None = None
         self._flush_loop: asyncio.AbstractEventLoop | None = None
 
-    def write_line(self, line: str) -> None:
-        """Write ``line`` (formatted as ``format`` would): soon on an event loop, else now."""
+    def write_fields(self, pending: _Pending) -> None:
+        """Write the line of ``pending``: soon on an event loop, else now."""
         with self.lock:  # type: ignore[union-attr]  # created in Handler.__init__
             flush_loop = self._flush_loop
             if (
@@ -269,7 +295,7 @@ class _StderrJsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
                 and not flush_loop.is_closed()
             ):
                 # The timer of this thread's loop is set: the line waits for it.
-                self._gathered.append(line)
+                self._gathered.append(pending)
                 if len(self._gathered) >= GATHER_LINES:
                     self._write_gathered()
                 return
@@ -278,7 +304,7 @@ class _StderrJsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
             except RuntimeError:
                 loop = None
             self._write_gathered()  # what another thread's loop was to write, if anything
-            self._gathered.append(line)
+            self._gathered.append(pending)
             if loop is None:
                 self._write_gathered()
                 return
@@ -300,8 +326,20 @@ class _StderrJsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
             super().flush()
 
     def _write_gathered(self) -> None:
-        """Write every gathered line in one go (the caller holds the lock)."""
-        lines, self._gathered = self._gathered, []
+        """Format every gathered line and write them in one go (the caller holds the lock)."""
+        gathered, self._gathered = self._gathered, []
+        if not gathered:
+            return
+        formatter = self.formatter
+        assert isinstance(formatter, JsonFormatter)  # _sole_json_handler checked it
+        lines = []
+        for created, level, name, msg, fields, more, span in gathered:
+            try:
+                lines.append(
+                    formatter.format_fields(created, level, name, msg, fields, more=more, span=span)
+                )
+            except Exception:
+                self.handleError(logging.LogRecord(name, level, "", 0, msg, (), None))
         if not lines:
             return
         try:
@@ -336,28 +374,33 @@ def _sole_json_handler(logger: logging.Logger, level: int) -> _StderrJsonHandler
     return found
 
 
-def log_fields(logger: logging.Logger, level: int, msg: str, fields: Mapping[str, Any]) -> None:
-    """``logger.log(level, msg, extra={"fields": fields})``, the same line at less cost.
+def log_fields(
+    logger: logging.Logger,
+    level: int,
+    msg: str,
+    fields: Mapping[str, Any],
+    more: Mapping[str, Any] | None = None,
+) -> None:
+    """``logger.log(level, msg, extra={"fields": fields})``, the same line at less cost,
+    with the keys of ``more`` that ``fields`` lacks after those of ``fields``.
 
     Where the record would reach only the stderr handler of
-    :func:`configure_logging`, the line is formatted and written directly, with no
-    ``LogRecord``; anywhere else (a test's capture, another handler, a filter) the
-    record goes through ``logging`` as usual.
+    :func:`configure_logging`, the line is written directly, with no ``LogRecord``
+    (on an event loop, formatted a few milliseconds later with others: ``fields`` and
+    ``more`` must not change once logged); anywhere else (a test's capture, another
+    handler, a filter) the record goes through ``logging`` as usual.
     """
     if not logger.isEnabledFor(level):
         return
     handler = _sole_json_handler(logger, level)
     if handler is None:
+        if more:
+            merged = {**fields, **more}
+            merged.update(fields)
+            fields = merged
         logger.log(level, msg, extra={"fields": fields}, stacklevel=2)
         return
-    formatter = handler.formatter
-    assert isinstance(formatter, JsonFormatter)  # _sole_json_handler checked it
-    try:
-        line = formatter.format_fields(time.time(), level, logger.name, msg, fields)
-    except Exception:
-        handler.handleError(logger.makeRecord(logger.name, level, "", 0, msg, (), None))
-        return
-    handler.write_line(line)
+    handler.write_fields((time.time(), level, logger.name, msg, fields, more, current_span_ids()))
 
 
 # Libraries whose INFO lines quote full request URLs (V1 puts the STS token
@@ -413,15 +456,14 @@ def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
 class RpcFields(dict[str, Any]):
     """The fields of one RPC's log line, and whether the handler expects the way it ends.
 
-    ``end_expected`` (set through :func:`rpc_end_expected`) keeps a server-fault
-    code that is the design, not a failure, from raising the line to WARNING.
+    ``end_expected`` (set through :func:`rpc_end_expected`; unset until then, read it
+    with ``getattr(fields, "end_expected", False)``) keeps a server-fault code that is
+    the design, not a failure, from raising the line to WARNING.
     """
 
     __slots__ = ("end_expected",)
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.end_expected = False
+    end_expected: bool
 
 
 _rpc_fields: contextvars.ContextVar[RpcFields | None] = contextvars.ContextVar(

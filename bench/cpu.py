@@ -13,8 +13,8 @@ accounts) and a three-message one (120 accounts), both at the default page size.
 
 With two or more CPUs the servers are pinned to the first and the caller to
 the others (``--no-pin``: everything shares them). ``--profile DIR`` also
-records the server under the same load with py-spy, one more block per
-listing, and prints the functions that took the most samples. ``--compare
+records the server (and the ``--compare`` one) under the same load with py-spy,
+one more block per listing, and prints the functions that took the most samples. ``--compare
 DIR`` runs the server of another source tree (a checkout of an earlier
 commit) as a third target in the same blocks: a before and after in one run.
 
@@ -287,8 +287,9 @@ def measure(
                         print(json.dumps({"image": image_id, **block}), file=sys.stderr)
                 if args.profile:
                     args.profile.mkdir(parents=True, exist_ok=True)
-                    out = args.profile / f"facade-{len(messages)}msg.txt"
-                    profile(server, (image_id, count), args, caller_cpus, out)
+                    for name, each in servers.items():  # the baseline too: before and after
+                        out = args.profile / f"{name}-{len(messages)}msg.txt"
+                        profile(each, (image_id, count), args, caller_cpus, out)
             finally:
                 floor.stop()
     where = (
@@ -332,8 +333,9 @@ def report(args: argparse.Namespace, results: list[Result], where: str, sample_l
     if sample_line:
         print(f"\nThe server's last RPC log line:\n\n    {sample_line}")
     if args.profile:
-        for path in sorted(args.profile.glob("facade-*msg.txt")):
-            print(f"\nProfile of the server ({path.name}, py-spy, Python frames):\n")
+        for path in sorted(args.profile.glob("*-*msg.txt"), key=lambda p: p.name):
+            which = names[path.name.split("-")[0]]
+            print(f"\nProfile of {which} ({path.name}, py-spy, Python frames):\n")
             print(profile_summary(path, args.top))
 
 

@@ -1,4 +1,4 @@
-"""CheckImageShare and WatchImageShares end to end, the app in this process (issue 16).
+"""CheckImageShare and WatchImageShares end to end, the app in this process.
 
 Watches poll every ``--watch-interval`` seconds; these tests run the app on a
 ``SteppedClock``, so an interval passes when the test says so (``advance``)

@@ -2,7 +2,7 @@
 sockets, then end to end against the app and the emulator, both in this process (one test
 kills a server process).
 
-Checks and watches (issue 16) against the scripted server too: what the client decides
+Checks and watches against the scripted server too: what the client decides
 (retries, reconnections, the state a watch holds) is its own, whatever a server does.
 Their end-to-end tests, the resume across a server restart included, are in
 test_check_and_watch.py."""

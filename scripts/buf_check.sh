@@ -17,7 +17,9 @@ cd "$root"
 buf=${BUF:-$root/clients/node/node_modules/.bin/buf}
 if [ ! -x "$buf" ]; then
   echo "buf_check: installing @bufbuild/buf (npm ci in clients/node)" >&2
-  (cd "$root/clients/node" && npm ci --no-audit --no-fund --loglevel=error >&2)
+  # Under the lock the tests take too (tests/support/node.py): never two installs at once.
+  (cd "$root/clients/node" && flock .npm-install.lock \
+    sh -c '[ -x node_modules/.bin/buf ] || npm ci --no-audit --no-fund --loglevel=error' >&2)
 fi
 
 "$buf" lint

@@ -7,12 +7,14 @@ Tests that need a server with other settings start their own with
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 import pytest
 
 from imageshare.v1 import image_share_pb2_grpc
 from imageshare_emulator import Emulator, EmulatorAdmin
+from tests.support.node import install_node_modules
 from tests.support.processes import DEMO_ENV, EmulatorProcess, ServerProcess
 
 
@@ -79,3 +81,9 @@ def ecs(local_emulator: Emulator) -> Iterator[Emulator]:
     local_emulator.knobs.reset()
     yield local_emulator
     local_emulator.knobs.reset()
+
+
+@pytest.fixture(scope="session")
+def node_modules() -> Path:
+    """clients/node's dependencies, installed on a fresh clone (see tests/support/node.py)."""
+    return install_node_modules()

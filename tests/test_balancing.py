@@ -71,13 +71,14 @@ async def test_one_python_channel_spreads_its_calls_over_every_server(ecs: Emula
 
         await asyncio.to_thread(calls)
         shares = spread(apps)
+    print("share of calls per server:", [f"{share:.0%}" for share in shares])
     assert sum(shares) == pytest.approx(1.0)
     assert min(shares) >= 0.2, shares
 
 
 @pytest.mark.toolchain
 async def test_one_node_client_spreads_its_calls_over_every_server(
-    ecs: Emulator, tmp_path: Path
+    ecs: Emulator, tmp_path: Path, node_modules: Path
 ) -> None:
     node = shutil.which("node")
     assert node is not None, "node is not installed"
@@ -96,5 +97,6 @@ async def test_one_node_client_spreads_its_calls_over_every_server(
         _, err = await asyncio.wait_for(process.communicate(), 120)
         assert process.returncode == 0, err.decode()
         shares = spread(apps)
+    print("share of calls per server:", [f"{share:.0%}" for share in shares])
     assert sum(shares) == pytest.approx(1.0)
     assert min(shares) >= 0.2, shares

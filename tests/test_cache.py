@@ -88,14 +88,17 @@ def test_accounted_size_of_an_entry_is_within_2x_of_its_real_size(
     cache = ShareCache(CachePolicy(max_bytes=10**10), clock=clock)
     key = ShareKey(REGION, f"m-size{accounts}x{len(page_sizes)}")
 
-    def fill() -> None:
+    def fill(cache: ShareCache, key: ShareKey) -> None:
         entry = cache.put(parsed_list(key, accounts, times=times, clock=clock))
         assert entry is not None
         for size in page_sizes:
             query = ShareQuery(key, size, bypass_cache=False)
             cache.messages(entry, size, build_cached_messages(entry, query))
 
-    _, real = measured(fill)
+    # The same path once on a cache of its own first: what the interpreter allocates on
+    # first use (type caches, interned strings) is not the entry's.
+    fill(ShareCache(CachePolicy(max_bytes=10**10), clock=clock), ShareKey(REGION, "m-warm"))
+    _, real = measured(lambda: fill(cache, key))
     assert real / 2 <= cache.total_bytes <= real * 2, (cache.total_bytes, real)
 
 

@@ -758,16 +758,13 @@ async def test_200_concurrent_callers_with_latency(emulator: Emulator) -> None:
             response = await aclient.get(emulator.url + "/", params=params, headers=headers)
             return response.status_code
 
-        started = time.monotonic()
         statuses = await asyncio.gather(*(call() for _ in range(200)))
-        elapsed = time.monotonic() - started
     assert statuses == [200] * 200
     counters = emulator.knobs.counters()
     # The client shares two busy cores with the server, so it cannot keep all 200 requests
-    # in flight at once; what matters is that they overlap and none is refused.
+    # in flight at once; what matters is that they overlap (the emulator counts the
+    # requests it holds at once, so no wall-clock bound is needed) and none is refused.
     assert counters["max_in_flight"] >= 20
-    # Serialised, 200 x 50 ms would take 10 s.
-    assert elapsed < 8
 
 
 def test_in_flight_maximum(emulator: Emulator) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +19,7 @@ import pytest
 
 from imageshare_emulator import Emulator
 from tests.support.inprocess import running
-
-NODE_DIR = Path(__file__).resolve().parent.parent / "clients" / "node"
+from tests.support.node import NODE_DIR
 
 
 @dataclass(frozen=True)
@@ -29,20 +27,6 @@ class NodeRun:
     returncode: int
     stdout: str
     stderr: str
-
-
-@pytest.fixture(scope="module")
-def node_modules() -> Path:
-    """A fresh clone has no node_modules: install exactly what package-lock.json pins."""
-    modules = NODE_DIR / "node_modules"
-    if not (modules / "@grpc" / "grpc-js").is_dir():
-        subprocess.run(
-            ["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-            cwd=NODE_DIR,
-            check=True,
-            timeout=600,
-        )
-    return modules
 
 
 @pytest.fixture

@@ -39,6 +39,7 @@ from imageshare_server.app import StartupError
 from imageshare_server.observability.logging import JsonFormatter
 from imageshare_server.observability.tracing import tracing_requested
 from tests.support.inprocess import InProcessApp, Request, running
+from tests.support.node import NODE_DIR, install_node_modules
 from tests.support.otlp import OtlpReceiver, ReceivedSpan
 from tests.support.processes import DEMO_ENV, base_env
 from tests.support.redis_server import RedisServer
@@ -46,7 +47,6 @@ from tests.support.rpc import details
 from tests.support.waiting import until
 
 ROOT = Path(__file__).resolve().parent.parent
-NODE_DIR = ROOT / "clients" / "node"
 RPC_SPAN = "imageshare.v1.ImageShareService/ListImageShares"
 SECRET = DEMO_ENV["ALIBABA_CLOUD_ACCESS_KEY_SECRET"]
 # What ECS echoes on SignatureDoesNotMatch (V1: the STS token travels in it).
@@ -292,10 +292,20 @@ async def test_redis_operations_are_spans_of_the_trace(
         async with running(ecs, "--redis-url", redis.url) as app:
             caller = Caller()
             await traced_list(app, caller, region_id="cn-hangzhou", image_id="m-demo0000003")
-            spans = await spans_of(otel_env, caller.trace_hex, 8)
+            wanted = {"get", "lease_acquire", "rate_limit", "set"}
+
+            def ops() -> set[str]:
+                return {
+                    s.attributes["db.operation.name"]
+                    for s in otel_env.spans(caller.trace_hex)
+                    if s.name.startswith("redis ")
+                }
+
+            # The shared-cache write may finish (and its span be exported) after the
+            # call's last message: wait for it rather than for a number of spans.
+            await until(lambda: wanted <= ops(), within=10)
+            spans = otel_env.spans(caller.trace_hex)
             redis_spans = [s for s in spans if s.name.startswith("redis ")]
-            ops = {s.attributes["db.operation.name"] for s in redis_spans}
-            assert {"get", "lease_acquire", "rate_limit", "set"} <= ops
             by_id = {s.span_id: s for s in spans}
             for span in redis_spans:
                 assert span.kind == "client"
@@ -308,17 +318,6 @@ async def test_redis_operations_are_spans_of_the_trace(
         assert not [s for s in otel_env.spans() if s.name == "redis ping"]
     finally:
         redis.stop()
-
-
-def _node_modules() -> None:
-    """A fresh clone has no node_modules: install exactly what package-lock.json pins."""
-    if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
-        subprocess.run(
-            ["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-            cwd=NODE_DIR,
-            check=True,
-            timeout=600,
-        )
 
 
 NODE_CALLER = textwrap.dedent(
@@ -342,7 +341,7 @@ NODE_CALLER = textwrap.dedent(
 async def test_the_node_clients_trace_continues_too(
     traced_app: InProcessApp, otlp: OtlpReceiver
 ) -> None:
-    await asyncio.to_thread(_node_modules)
+    await asyncio.to_thread(install_node_modules)
     caller = Caller()
     traceparent = f"00-{caller.trace_hex}-{caller.span_hex}-01"
     process = await asyncio.create_subprocess_exec(

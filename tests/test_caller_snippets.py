@@ -1,6 +1,7 @@
 """clients/README.md shows the Go and Java programs the test suite runs, not other code.
 
-Every line of its Go and Java snippets is a line of clients/go/main.go or
+Every line of each of its Go and Java snippets (several per language: calling, error
+details, check and watch) is a line of clients/go/main.go or
 clients/java/ImageShareCaller.java (tests/test_polyglot_callers.py compiles and runs
 those), and the Java runtime classpath it lists is the one clients/java/build.sh uses.
 """
@@ -23,12 +24,18 @@ PROGRAMS = {
 @pytest.mark.parametrize("language", sorted(PROGRAMS))
 def test_snippets_are_excerpts_of_the_tested_program(language: str) -> None:
     blocks = re.findall(rf"^```{language}\n(.*?)^```", README.read_text(), re.M | re.S)
-    assert len(blocks) == 1, f"one {language} snippet"
+    assert blocks, f"no {language} snippet"
     program = {line.strip() for line in PROGRAMS[language].read_text().splitlines()}
-    lines = [line.strip() for line in blocks[0].splitlines() if line.strip()]
-    assert len(lines) > 20
-    missing = [line for line in lines if line not in program]
-    assert not missing, f"not in {PROGRAMS[language].name}: {missing}"
+    excerpted = 0
+    for number, block in enumerate(blocks, 1):
+        lines = [line.strip() for line in block.splitlines() if line.strip()]
+        assert lines, f"{language} snippet {number} is empty"
+        missing = [line for line in lines if line not in program]
+        assert not missing, (
+            f"{language} snippet {number}, not in {PROGRAMS[language].name}: {missing}"
+        )
+        excerpted += len(lines)
+    assert excerpted > 20
 
 
 def test_readme_lists_the_java_runtime_classpath_the_build_uses() -> None:

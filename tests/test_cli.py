@@ -478,7 +478,10 @@ async def test_audit_keeps_to_the_servers_quota_and_waits_out_refusals(
     assert [r["error"] for r in rows] == [None] * 12
     assert summary["errors"] == 0
     counters = ecs.knobs.counters()
-    assert counters["calls_by_action"]["DescribeImageSharePermission"] == 12  # one each
+    # One call each; on a loaded machine a listing let through just before its deadline
+    # may not finish in time and is listed again (the next test): one more call for each.
+    late = codes.count("DeadlineExceeded")
+    assert 12 <= counters["calls_by_action"]["DescribeImageSharePermission"] <= 12 + late
     assert "Throttling.User" not in counters["outcomes"]
     assert codes.count("OK") == 12
     assert codes.count("ResourceExhausted") >= 3  # the waits happened: refused first, listed later

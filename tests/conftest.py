@@ -87,3 +87,17 @@ def ecs(local_emulator: Emulator) -> Iterator[Emulator]:
 def node_modules() -> Path:
     """clients/node's dependencies, installed on a fresh clone (see tests/support/node.py)."""
     return install_node_modules()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with slow or toolchain tests first (a stable sort: order within a file kept).
+
+    ``make pytest`` hands whole files to its workers in this order, so the long files
+    start at once instead of leaving one worker busy at the end while the other idles.
+    """
+    heavy = {
+        item.path
+        for item in items
+        if item.get_closest_marker("slow") or item.get_closest_marker("toolchain")
+    }
+    items.sort(key=lambda item: item.path not in heavy)

@@ -60,6 +60,7 @@ async def timed_error(
 # --- stalled streams -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_one_connection_of_zero_window_streams_cannot_lock_out_other_callers(
     ecs: Emulator,
 ) -> None:
@@ -92,6 +93,7 @@ async def test_one_connection_of_zero_window_streams_cannot_lock_out_other_calle
         assert len(stalled) == 100
 
 
+@pytest.mark.slow
 async def test_callers_that_stop_reading_large_streams_are_let_go(ecs: Emulator) -> None:
     big = new_image(ecs, 20_000)
     async with running(
@@ -162,6 +164,7 @@ def started_calls(app: InProcessApp) -> Callable[[], float]:
     )
 
 
+@pytest.mark.slow
 async def test_a_cancel_storm_cannot_spend_the_quota_or_starve_cold_reads(ecs: Emulator) -> None:
     ecs.knobs.set(latency_ms=200)
     burst, orphans = 20, 8
@@ -190,8 +193,12 @@ async def test_a_cancel_storm_cannot_spend_the_quota_or_starve_cold_reads(ecs: E
         await until(lambda: app.runtime.source.flights == 0)
 
         def seen() -> int:
+            # A call refused before validation (too many calls at once, on a loaded
+            # machine) has no image in its line: it is one of the storm's too.
             return sum(
-                1 for line in app.logs.rpc_lines() if str(line.get("image")).startswith("m-gone")
+                1
+                for line in app.logs.rpc_lines()
+                if str(line.get("image", "m-gone")).startswith("m-gone")
             )
 
         await until(lambda: seen() >= 8 * 90)  # the storm reached the service, and ended

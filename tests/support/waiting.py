@@ -1,7 +1,9 @@
 """Waiting for a condition a test cannot be notified of (an emulator counter, a log line).
 
 Polling, not sleeping a fixed time: the wait ends the moment the condition
-holds, and fails with a clear message when it never does.
+holds, and fails with a clear message when it never does. The default bound is
+generous (the suite runs on both CPUs at once): it costs nothing when the
+condition holds, and only a failing test waits it out.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import time
 from collections.abc import Callable
 
 
-def wait_until(predicate: Callable[[], object], within: float = 10.0) -> float:
+def wait_until(predicate: Callable[[], object], within: float = 30.0) -> float:
     """Block until ``predicate()`` is true; returns how long it took."""
     started = time.monotonic()
     while not predicate():
@@ -21,7 +23,7 @@ def wait_until(predicate: Callable[[], object], within: float = 10.0) -> float:
     return time.monotonic() - started
 
 
-async def until(predicate: Callable[[], object], within: float = 10.0) -> float:
+async def until(predicate: Callable[[], object], within: float = 30.0) -> float:
     """``wait_until`` for coroutines: the event loop keeps running while it waits."""
     started = time.monotonic()
     while not predicate():

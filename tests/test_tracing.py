@@ -37,7 +37,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from imageshare_emulator import Emulator
 from imageshare_server.app import StartupError
 from imageshare_server.observability.logging import JsonFormatter
-from imageshare_server.observability.tracing import tracing_requested
+from imageshare_server.observability.tracing_setup import tracing_requested
 from tests.support.inprocess import InProcessApp, Request, running
 from tests.support.node import NODE_DIR, install_node_modules
 from tests.support.otlp import OtlpReceiver, ReceivedSpan

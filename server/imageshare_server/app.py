@@ -59,12 +59,8 @@ from imageshare_server.observability.http import MetricsServer
 from imageshare_server.observability.logging import configure_logging
 from imageshare_server.observability.metrics import ServiceMetrics
 from imageshare_server.observability.stacks import install_stack_dump
-from imageshare_server.observability.tracing import (
-    NO_TRACING,
-    Tracer,
-    TracingConfigError,
-    configure_tracing,
-)
+from imageshare_server.observability.tracing import NO_TRACING, Tracer, TracingConfigError
+from imageshare_server.observability.tracing_setup import configure_tracing
 from imageshare_server.ratelimit import UpstreamRateLimiter
 from imageshare_server.redaction import register_secret
 from imageshare_server.redis_tier import setup as redis_tier

@@ -1,10 +1,10 @@
 """Tracing as the service's components see it: a ``Tracer``, a no-op one, the current span's ids.
 
 OpenTelemetry is optional (the ``otel`` extra) and off unless the standard
-``OTEL_*`` variables ask for an exporter (:func:`tracing_requested`). Nothing in
-this module imports it: :func:`configure_tracing` imports ``observability.otel``
-only when tracing is asked for, so a server without the extra, or without the
-variables, never loads opentelemetry and runs exactly as before.
+``OTEL_*`` variables ask for an exporter. Nothing in this module imports it:
+``tracing_setup.configure_tracing`` imports ``observability.otel`` (which builds
+on this module) only when tracing is asked for, so a server without the extra,
+or without the variables, never loads opentelemetry and runs exactly as before.
 
 Components receive a :class:`Tracer` (``NO_TRACING`` by default), like their
 ``ServiceMetrics``, and open spans with ``with tracer.span(name) as span:``.
@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypeAlias
@@ -35,10 +34,8 @@ __all__ = [
     "SpanIds",
     "Tracer",
     "TracingConfigError",
-    "configure_tracing",
     "current_span_ids",
     "exemplar",
-    "tracing_requested",
 ]
 
 log = logging.getLogger(__name__)
@@ -196,47 +193,3 @@ class NoTracing:
 
 
 NO_TRACING = NoTracing()
-
-
-def _flag(environ: Mapping[str, str], name: str) -> str:
-    return environ.get(name, "").strip().lower()
-
-
-def tracing_requested(environ: Mapping[str, str]) -> bool:
-    """Whether the standard variables ask for traces to be exported.
-
-    Off unless asked: ``OTEL_TRACES_EXPORTER`` names an exporter other than
-    ``none``, or an OTLP endpoint is given (``OTEL_EXPORTER_OTLP_ENDPOINT``,
-    ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``). ``OTEL_SDK_DISABLED=true`` wins.
-    """
-    if _flag(environ, "OTEL_SDK_DISABLED") == "true":
-        return False
-    exporters = {e.strip() for e in _flag(environ, "OTEL_TRACES_EXPORTER").split(",")} - {""}
-    if exporters:
-        return exporters != {"none"}
-    return bool(
-        environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
-        or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
-    )
-
-
-def configure_tracing(environ: Mapping[str, str] | None = None) -> Tracer:
-    """The tracer the ``OTEL_*`` variables ask for: OpenTelemetry's, or ``NO_TRACING``.
-
-    Without the ``otel`` extra, a request for tracing is logged once and the
-    server runs without it. Raises :class:`TracingConfigError` for settings it
-    cannot honour (an exporter or protocol that is not installed).
-    """
-    environ = os.environ if environ is None else environ
-    if not tracing_requested(environ):
-        return NO_TRACING
-    try:
-        from imageshare_server.observability import otel  # noqa: PLC0415  (optional extra)
-    except ImportError as exc:
-        log.warning(
-            "OTEL_* variables ask for traces, but the otel extra is not installed; "
-            "tracing is off (pip install 'imageshare-server[otel]')",
-            extra={"event": "tracing_unavailable", "error": str(exc)},
-        )
-        return NO_TRACING
-    return otel.OtelTracer.from_environment(environ)

@@ -74,8 +74,7 @@ def test_imports_point_down_the_drawing() -> None:
         f"{path.relative_to(SERVER)} imports {name}"
         for path in sorted(SERVER.rglob("*.py"))
         for name in _imports(path)
-        if (target := name.split(".")[1]) != _package(path)
-        and RANK[target] >= RANK[_package(path)]
+        if (target := name.split(".")[1]) != _package(path) and RANK[target] >= RANK[_package(path)]
     ]
     assert not upward
 

@@ -748,7 +748,9 @@ def test_counters(emulator: Emulator, client: httpx.Client) -> None:
 
 
 async def test_200_concurrent_callers_with_latency(emulator: Emulator) -> None:
-    emulator.knobs.set(latency_ms=50)
+    # Long enough that even a client slowed down by a loaded machine has many requests
+    # in flight at once if (and only if) the emulator serves them concurrently.
+    emulator.knobs.set(latency_ms=200)
     limits = httpx.Limits(max_connections=250, max_keepalive_connections=250)
     async with httpx.AsyncClient(timeout=30, limits=limits) as aclient:
 

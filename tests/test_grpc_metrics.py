@@ -503,3 +503,17 @@ async def test_concurrent_mixed_calls_each_count_once(harness: Harness) -> None:
     }
     assert sum(harness.series("grpc_server_started_total").values()) == 30
     assert len(harness.logs.lines) == 30
+
+
+def test_a_scrape_filtered_by_name_sees_every_queued_update() -> None:
+    """Updates are queued per call; a ``name[]``-filtered scrape applies them too."""
+    registry = CollectorRegistry()
+    interceptor = GrpcMetricsInterceptor(registry)
+    labels = ("server_stream", "imageshare.v1.ImageShareService", "ListImageShares")
+    for _ in range(3):
+        interceptor.updates.add(interceptor.started.labels(*labels))
+    only = registry.restricted_registry(["grpc_server_started_total"])
+    filtered = [
+        (sample.name, sample.value) for family in only.collect() for sample in family.samples
+    ]
+    assert filtered == [("grpc_server_started_total", 3.0)]

@@ -36,6 +36,7 @@ from typing import Any, Protocol, TypeAlias
 
 import grpc
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, Metric
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 from imageshare_server.observability.logging import (
@@ -128,18 +129,20 @@ UPDATE_BATCH = 256
 
 
 class _Updates(Collector):
-    """The metric updates of calls, queued and applied in batches.
+    """The interceptor's metrics, and the updates of calls queued for them.
 
     A call queues its updates (a counter child to increment, or a histogram child, a
     value and an exemplar to observe) and goes on; every ``UPDATE_BATCH`` of them are
-    applied together, and all of them before the registry collects (this collector is
-    registered before the metrics, so a scrape, or a test reading the registry, sees
-    every update queued until then). The queue is a deque: appends and pops from any
-    thread (sync handlers run in an executor) are atomic.
+    applied together. The metrics are registered through this collector, not on their
+    own, so every collection of them (a scrape, one filtered with ``name[]``, a test
+    reading the registry) applies the queue first and sees every update queued until
+    then. The queue is a deque: appends and pops from any thread (sync handlers run in
+    an executor) are atomic.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: Iterable[MetricWrapperBase]) -> None:
         self._queue: collections.deque[Any] = collections.deque()
+        self._metrics = tuple(metrics)
 
     def add(self, update: Any) -> None:
         self._queue.append(update)
@@ -161,10 +164,12 @@ class _Updates(Collector):
 
     def collect(self) -> Iterable[Metric]:
         self.apply()
-        return ()
+        for metric in self._metrics:
+            yield from metric.collect()
 
     def describe(self) -> Iterable[Metric]:
-        return ()
+        for metric in self._metrics:
+            yield from metric.describe()
 
 
 class _Method:
@@ -382,32 +387,29 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         self._logger = logger
         # Full method name -> (the handler grpc found, its wrapped form).
         self._wrapped: dict[str, tuple[Handler, Handler]] = {}
-        self.updates = _Updates()
-        if registry is not None:
-            registry.register(self.updates)  # first: it applies the queue before the rest
         self.started = Counter(
             "grpc_server_started_total",
             "Total number of RPCs started on the server.",
             _LABELS,
-            registry=registry,
+            registry=None,
         )
         self.handled = Counter(
             "grpc_server_handled_total",
             "Total number of RPCs completed on the server, regardless of success or failure.",
             (*_LABELS, "grpc_code"),
-            registry=registry,
+            registry=None,
         )
         self.msg_received = Counter(
             "grpc_server_msg_received_total",
             "Total number of RPC stream messages received on the server.",
             _LABELS,
-            registry=registry,
+            registry=None,
         )
         self.msg_sent = Counter(
             "grpc_server_msg_sent_total",
             "Total number of gRPC stream messages sent by the server.",
             _LABELS,
-            registry=registry,
+            registry=None,
         )
         self.handling_seconds = Histogram(
             "grpc_server_handling_seconds",
@@ -415,8 +417,14 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
             "handled by the server.",
             _LABELS,
             buckets=LATENCY_BUCKETS,
-            registry=registry,
+            registry=None,
         )
+        # Registered together, through the queue of their updates (see _Updates).
+        self.updates = _Updates(
+            (self.started, self.handled, self.msg_received, self.msg_sent, self.handling_seconds)
+        )
+        if registry is not None:
+            registry.register(self.updates)
 
     def initialize(self, full_method: str, grpc_type: str) -> None:
         """Export zero-valued series for a method before its first call.

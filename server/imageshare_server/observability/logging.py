@@ -212,13 +212,18 @@ class JsonFormatter(logging.Formatter):
         (with the keys of ``more`` that ``fields`` lacks), inside the span of ``span`` (the
         ids current when the line was logged)."""
         head = _head(created, _level_name(level), name, msg, span)
-        if more:
-            entry = {**head, **fields, **more}
-            entry.update(fields)  # earlier keys keep their values, as with setdefault
-        else:
-            entry = {**head, **fields}
-        entry.update(head)
+        entry = {**head, **_with_more(fields, more)}
+        entry.update(head)  # the head's keys keep their values, as with setdefault
         return encode_redacted(entry)
+
+
+def _with_more(fields: Mapping[str, Any], more: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """``fields``, then the keys of ``more`` that ``fields`` lacks."""
+    if not more:
+        return fields
+    merged = {**fields, **more}
+    merged.update(fields)
+    return merged
 
 
 def _head(created: float, level: str, name: str, msg: str, span: SpanIds | None) -> dict[str, Any]:
@@ -394,11 +399,7 @@ def log_fields(
         return
     handler = _sole_json_handler(logger, level)
     if handler is None:
-        if more:
-            merged = {**fields, **more}
-            merged.update(fields)
-            fields = merged
-        logger.log(level, msg, extra={"fields": fields}, stacklevel=2)
+        logger.log(level, msg, extra={"fields": _with_more(fields, more)}, stacklevel=2)
         return
     handler.write_fields((time.time(), level, logger.name, msg, fields, more, current_span_ids()))
 

@@ -96,16 +96,6 @@ def page_calls(ecs: Emulator, image_id: str) -> dict[int, int]:
     return out
 
 
-def total(app: InProcessApp, name: str) -> float:
-    """Sum of every sample of ``name`` (any labels) in the replica's own registry."""
-    return sum(
-        sample.value
-        for family in app.registry.collect()
-        for sample in family.samples
-        if sample.name == name
-    )
-
-
 def events(app: InProcessApp, event: str) -> list[logging.LogRecord]:
     """Records logged with ``event``, by any app running in this process while ``app`` ran."""
     return [r for r in app.logs.records if getattr(r, "event", None) == event]
@@ -150,7 +140,7 @@ async def test_150_cold_callers_on_three_replicas_make_one_upstream_call_per_pag
         # 250 accounts at PageSize 100: three pages, each read once by the whole deployment.
         assert page_calls(ecs, image_id) == {1: 1, 2: 1, 3: 1}
         # The two replicas that did not read got the list through Redis.
-        waits = sum(total(app, "imageshare_redis_lease_waits_total") for app in apps)
+        waits = sum(app.total("imageshare_redis_lease_waits_total") for app in apps)
         hits = sum(
             app.metric("imageshare_redis_cache_requests_total", result="hit") for app in apps
         )
@@ -225,7 +215,7 @@ async def test_every_replica_keeps_serving_without_redis_and_shares_again_when_i
             f"redis://127.0.0.1:{redis_server.port}/0"
         }
         for app in apps:
-            assert total(app, "imageshare_redis_errors_total") >= 1
+            assert app.total("imageshare_redis_errors_total") >= 1
         assert PASSWORD not in raw_fields(apps[0])
         assert PASSWORD not in log_text(apps[0])
 
@@ -264,7 +254,7 @@ async def test_shared_limit_keeps_three_replicas_within_ten_percent_of_upstream_
         try:
             # Steady state: every replica is reading upstream under the shared limit.
             await until(
-                lambda: all(total(app, "imageshare_upstream_requests_total") >= 2 for app in apps)
+                lambda: all(app.total("imageshare_upstream_requests_total") >= 2 for app in apps)
             )
             before = ecs.knobs.counters()["calls_by_action"]["DescribeImageSharePermission"]
             await asyncio.sleep(window)

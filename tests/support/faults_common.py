@@ -77,14 +77,8 @@ def attempts(app: InProcessApp, outcome: str | None = None) -> int:
     """Upstream attempts the app made (its ``imageshare_upstream_requests_total``), whatever
     their outcome unless one is named; unlike the emulator's counters this includes the
     connections it refused while down."""
-    total = 0.0
-    for family in app.registry.collect():
-        for sample in family.samples:
-            if sample.name != "imageshare_upstream_requests_total":
-                continue
-            if outcome is None or sample.labels.get("outcome") == outcome:
-                total += sample.value
-    return int(total)
+    labels = {} if outcome is None else {"outcome": outcome}
+    return int(app.total("imageshare_upstream_requests_total", **labels))
 
 
 def reads(app: InProcessApp) -> int:
@@ -95,12 +89,7 @@ def reads(app: InProcessApp) -> int:
 
 def retries(app: InProcessApp) -> int:
     """Retries the app made, whatever the failure before them."""
-    total = 0.0
-    for family in app.registry.collect():
-        for sample in family.samples:
-            if sample.name == "imageshare_upstream_retries_total":
-                total += sample.value
-    return int(total)
+    return int(app.total("imageshare_upstream_retries_total"))
 
 
 async def settled(emulator: Emulator) -> dict[str, Any]:

@@ -104,6 +104,15 @@ class InProcessApp:
         """A sample of this app's own registry (every metric it exports)."""
         return self.registry.get_sample_value(name, labels) or 0.0
 
+    def total(self, name: str, **labels: str) -> float:
+        """The sum of every sample of ``name`` whose labels include ``labels``."""
+        return sum(
+            sample.value
+            for family in self.registry.collect()
+            for sample in family.samples
+            if sample.name == name and labels.items() <= sample.labels.items()
+        )
+
     def upstream_calls(self, image_id: str | None = None) -> int:
         counters = self.emulator.knobs.counters()
         if image_id is None:

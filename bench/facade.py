@@ -40,6 +40,8 @@ HERE = Path(__file__).resolve().parent
 REGION = "cn-hangzhou"
 BIG = "m-bench0002000"
 Row = tuple[str, float, str, int, str]
+# The default --upstream-burst (20) refills at the default --upstream-qps (20) in a second.
+BURST_REFILL_SECONDS = 1.2
 
 
 def sdk_client(url: str) -> EcsSdkClient:
@@ -208,6 +210,40 @@ def warm_rows(
     return rows
 
 
+def cold_row(
+    stub: image_share_pb2_grpc.ImageShareServiceStub,
+    admin: EmulatorAdmin,
+    baseline: float,
+    expected: list[str],
+    args: argparse.Namespace,
+) -> Row:
+    """(b) the façade, cold: the first read of a process, then the median of cold reads
+    of other 2,000-account images on the running server, each with the rate limit's
+    burst refilled (a service that has run a while, its pooled connections reused)."""
+    admin.reset()
+    admin.set(latency_ms=args.latency_ms)
+    started = time.perf_counter()
+    assert list_ids(stub, BIG) == expected
+    first = time.perf_counter() - started
+    colds: list[float] = []
+    for k in range(args.cold_reads):
+        time.sleep(BURST_REFILL_SECONDS)
+        started = time.perf_counter()
+        assert list_ids(stub, f"{BIG}c{k}") == expected
+        colds.append(time.perf_counter() - started)
+    cold = statistics.median(colds)
+    per_read = upstream_calls(admin) // (args.cold_reads + 1)
+    return (
+        f"(b) façade, cold, default settings (page 1, then the rest at once): "
+        f"median of {args.cold_reads} reads",
+        cold,
+        f"{baseline / cold:.1f}x faster",
+        per_read,
+        f"target >= 8x; reads {min(colds) * 1000:.0f} to {max(colds) * 1000:.0f} ms; "
+        f"the process's first read {first * 1000:.0f} ms ({baseline / first:.1f}x)",
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--latency-ms", type=float, default=50)
@@ -218,6 +254,7 @@ def main() -> None:
         action="store_true",
         help="(c): do not give the servers and the caller separate CPUs",
     )
+    parser.add_argument("--cold-reads", type=int, default=7)
     parser.add_argument("--concurrent", type=int, default=200)
     parser.add_argument("--fleet", type=int, default=500)
     parser.add_argument("--fleet-qps", type=int, default=20)
@@ -230,6 +267,14 @@ def main() -> None:
     admin.upsert_image(
         {"region_id": REGION, "image_id": BIG, "accounts": [{"aliyun_id": i} for i in expected]}
     )
+    for k in range(args.cold_reads):
+        admin.upsert_image(
+            {
+                "region_id": REGION,
+                "image_id": f"{BIG}c{k}",
+                "accounts": [{"aliyun_id": i} for i in expected],
+            }
+        )
     pages = -(-args.accounts // 100)
     servers: list[ServerProcess] = []
     try:
@@ -258,22 +303,7 @@ def main() -> None:
         stub = image_share_pb2_grpc.ImageShareServiceStub(channel)
         grpc.channel_ready_future(channel).result(timeout=10)
 
-        # (b) the façade, cold.
-        admin.reset()
-        admin.set(latency_ms=args.latency_ms)
-        started = time.perf_counter()
-        assert list_ids(stub, BIG) == expected
-        cold = time.perf_counter() - started
-        rows.append(
-            (
-                "(b) façade, cold, default settings (page 1, then the rest at once)",
-                cold,
-                f"{baseline / cold:.1f}x faster",
-                upstream_calls(admin),
-                "target >= 8x",
-            )
-        )
-
+        rows.append(cold_row(stub, admin, baseline, expected, args))
         # (c) warm: the entry is cached. A typical image (<= 50 accounts, the default
         # sharing quota) and the 2,000-account one at both message sizes, each next to
         # the floor: a bare grpc.aio server streaming the same bytes (floor_server.py).

@@ -17,6 +17,7 @@ from imageshare_server.credentials._base import StaticCredentialsProvider
 from imageshare_server.upstream.client import EcsClient, parse_page
 from imageshare_server.upstream.endpoints import EndpointResolver
 from imageshare_server.upstream.retry import RetryBudget, RetryPolicy
+from imageshare_server.upstream.transport import UpstreamTransport
 from tests.support.attacks import wait_for
 from tests.support.clock import ManualClock
 from tests.support.inprocess import DEMO_CREDENTIALS
@@ -27,7 +28,9 @@ DEMO = "m-demo0000001"
 
 @pytest.fixture
 async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(trust_env=False) as client:
+    """The transport the server uses, as the server builds its client."""
+    transport = UpstreamTransport(limits=httpx.Limits())
+    async with httpx.AsyncClient(transport=transport, trust_env=False) as client:
         yield client
 
 

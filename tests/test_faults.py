@@ -31,7 +31,7 @@ from imageshare_server.core.errors import DeadlineExceededError
 from imageshare_server.credentials._base import StaticCredentialsProvider
 from imageshare_server.upstream.client import EcsClient
 from imageshare_server.upstream.endpoints import EndpointResolver
-from imageshare_server.upstream.transport import UpstreamTransport
+from imageshare_server.upstream.transport import upstream_http_client
 from tests.support.clock import FastClock
 from tests.support.faults_common import (
     ACTION,
@@ -227,7 +227,7 @@ async def test_an_upstream_slower_than_the_callers_deadline_is_deadline_exceeded
 async def test_upstream_timeout_cut_short_by_the_deadline_is_the_deadline(ecs: Emulator) -> None:
     """Not an upstream timeout: no retry, and never UNAVAILABLE racing the caller's deadline."""
     ecs.knobs.set(latency_ms=2000)
-    async with httpx.AsyncClient(transport=UpstreamTransport(limits=httpx.Limits())) as http:
+    async with upstream_http_client(httpx.Timeout(10), user_agent="test") as http:
         client = EcsClient(
             http, StaticCredentialsProvider(DEMO_CREDENTIALS), EndpointResolver(ecs.url, vpc=False)
         )

@@ -166,7 +166,7 @@ async def test_a_python_callers_trace_continues_through_every_upstream_attempt(
     app, caller = traced_app, Caller()
     # Page 1's first attempt fails with HTTP 500; the page is read again.
     ecs.knobs.fault("error_code", count=1)
-    with json_lines("httpcore") as stream:
+    with json_lines("httpx") as stream:
         messages = await traced_list(app, caller, region_id="cn-hangzhou", image_id="m-demo0000001")
     assert len(messages) == 3
     assert app.upstream_calls() == 3
@@ -221,7 +221,7 @@ async def test_a_python_callers_trace_continues_through_every_upstream_attempt(
     assert sorted(line["upstream_request_ids"]) == sorted(ids)
     # Whatever else was logged inside the call's tasks (the HTTP client's lines) is in the
     # trace too, each with the span it was written in.
-    inside = [entry for entry in lines if str(entry["logger"]).startswith("httpcore")]
+    inside = [entry for entry in lines if str(entry["logger"]).startswith("httpx")]
     assert inside
     span_ids = {s.span_id for s in spans}
     assert all(e["trace_id"] == caller.trace_hex for e in inside)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import datetime
 import time
 
 import pytest
+from google.protobuf import timestamp_pb2
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from imageshare.v1 import image_share_pb2
 from imageshare_server.cache import CachePolicy, Freshness, ShareCache
@@ -28,6 +32,7 @@ from imageshare_server.grpcapi import validation
 from imageshare_server.grpcapi.messages import (
     PROTO_CACHE_STATUS,
     MessageBuilder,
+    account_message,
     build_cached_messages,
     hit_suffix,
 )
@@ -305,3 +310,21 @@ def test_flags_win_over_environment_and_bad_values_are_named() -> None:
         parse_settings(["--upstream-page-size", "101"], {})
     assert split_host_port(":50051") == ("", 50051)
     assert split_host_port("[::1]:9") == ("::1", 9)
+
+
+_EARLIEST, _LATEST = datetime.datetime(1, 1, 2), datetime.datetime(9999, 12, 30)
+
+
+@given(
+    when=st.datetimes(_EARLIEST, _LATEST)
+    | st.datetimes(_EARLIEST, _LATEST, timezones=st.timezones() | st.just(datetime.UTC))
+)
+@settings(max_examples=300, deadline=None)
+def test_account_time_is_what_protobuf_makes_of_the_datetime(when: datetime.datetime) -> None:
+    """The hand-made conversion equals ``Timestamp.FromDatetime``: naive is UTC, aware is
+    converted, before 1970 the seconds are negative and the nanos positive."""
+    expected = timestamp_pb2.Timestamp()
+    expected.FromDatetime(when)
+    message = account_message(Account("1234567890123456", when))
+    assert message.shared_time == expected
+    assert not account_message(Account("1", None)).HasField("shared_time")

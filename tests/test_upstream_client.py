@@ -17,7 +17,7 @@ from imageshare_server.credentials._base import StaticCredentialsProvider
 from imageshare_server.upstream.client import EcsClient, parse_page
 from imageshare_server.upstream.endpoints import EndpointResolver
 from imageshare_server.upstream.retry import RetryBudget, RetryPolicy
-from imageshare_server.upstream.transport import UpstreamTransport
+from imageshare_server.upstream.transport import upstream_http_client
 from tests.support.attacks import wait_for
 from tests.support.clock import ManualClock
 from tests.support.inprocess import DEMO_CREDENTIALS
@@ -29,8 +29,7 @@ DEMO = "m-demo0000001"
 @pytest.fixture
 async def http() -> AsyncIterator[httpx.AsyncClient]:
     """The transport the server uses, as the server builds its client."""
-    transport = UpstreamTransport(limits=httpx.Limits())
-    async with httpx.AsyncClient(transport=transport, trust_env=False) as client:
+    async with upstream_http_client(httpx.Timeout(10), user_agent="test") as client:
         yield client
 
 
@@ -161,8 +160,9 @@ def test_the_retry_budget_refills_over_time_and_per_region() -> None:
 async def test_an_upstream_call_imports_nothing_it_has_to_search_for_again(
     ecs: Emulator, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """httpcore imports sniffio at every connection-pool lock; without it installed, each
-    failed import walks ``sys.path`` again (a sixth of a cold read's CPU)."""
+    """Neither the upstream's transport nor httpx's own (the credentials chain's: httpcore
+    imports sniffio at every connection-pool lock, and without it installed each failed
+    import walks ``sys.path`` again) looks for a module on every request."""
     searched: list[str] = []
     real_find_spec = importlib.machinery.PathFinder.find_spec
 
@@ -171,8 +171,11 @@ async def test_an_upstream_call_imports_nothing_it_has_to_search_for_again(
         return real_find_spec(name, *args, **kwargs)  # type: ignore[arg-type]
 
     client = client_for(ecs, http)
-    await client.describe_image_share_permission(REGION, DEMO, page_number=1, page_size=10)
-    monkeypatch.setattr(importlib.machinery.PathFinder, "find_spec", find_spec)
-    for _ in range(3):
+    async with httpx.AsyncClient(trust_env=False) as credentials_http:
         await client.describe_image_share_permission(REGION, DEMO, page_number=1, page_size=10)
+        await credentials_http.get(f"{ecs.url}/")
+        monkeypatch.setattr(importlib.machinery.PathFinder, "find_spec", find_spec)
+        for _ in range(3):
+            await client.describe_image_share_permission(REGION, DEMO, page_number=1, page_size=10)
+            await credentials_http.get(f"{ecs.url}/")
     assert searched == []

@@ -1,5 +1,8 @@
 """The upstream's HTTP transport against a real HTTP/1.1 server on loopback (no mocks).
 
+What the signed requests rely on is checked here: the URL exactly as signed, no cookie
+kept, bounded waits, errors as httpx's.
+
 The server is a few lines of asyncio in this process, so each test can make it do
 what an upstream or a proxy in front of it may do: close an idle kept-alive
 connection, never answer, cut a body short, send a large one, read slowly.
@@ -13,10 +16,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import httpx
 import pytest
 
-from imageshare_server.upstream.transport import UpstreamTransport
+from imageshare_server.upstream.transport import UpstreamTransport, upstream_http_client
 from tests.support.waiting import until
 from tests.support.x509 import Authority
 
@@ -29,6 +33,8 @@ class Upstream:
 
     url: str = ""
     connections: int = 0
+    targets: list[str] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
     closed_idle: asyncio.Event = field(default_factory=asyncio.Event)
     release: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -38,8 +44,11 @@ class Upstream:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 lines = head.decode().split("\r\n")
-                path = lines[0].split(" ")[1]
+                target = lines[0].split(" ")[1]
+                path = target.split("?")[0]
                 headers = dict(line.lower().split(": ", 1) for line in lines[1:] if line)
+                self.targets.append(target)
+                self.headers.append(headers)
                 body = await reader.readexactly(int(headers.get("content-length", "0")))
                 if path == "/hang":
                     await self.release.wait()
@@ -52,7 +61,10 @@ class Upstream:
                     "/big": b"b" * BIG,
                     "/length": str(len(body)).encode(),
                 }.get(path, b"ok")
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(payload))
+                cookie = b"Set-Cookie: session=upstream\r\n" if path == "/cookie" else b""
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\n%sContent-Length: %d\r\n\r\n" % (cookie, len(payload))
+                )
                 writer.write(payload)
                 await writer.drain()
                 if path == "/close":
@@ -84,9 +96,20 @@ def transport() -> UpstreamTransport:
     return UpstreamTransport(limits=httpx.Limits(max_keepalive_connections=10, keepalive_expiry=60))
 
 
+def pooled_and_open(transport: UpstreamTransport) -> int:
+    """Kept-alive connections aiohttp would reuse (it has no public view of its pool)."""
+    session = transport._session
+    assert session is not None
+    assert isinstance(session.connector, aiohttp.BaseConnector)
+    return sum(
+        proto.is_connected() for conns in session.connector._conns.values() for proto, _ in conns
+    )
+
+
 @pytest.fixture
 async def http(transport: UpstreamTransport) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(transport=transport, timeout=5) as client:
+    client = upstream_http_client(httpx.Timeout(5), user_agent="test", transport=transport)
+    async with client:
         yield client
 
 
@@ -102,14 +125,30 @@ async def test_sequential_requests_reuse_one_connection(
 async def test_a_connection_the_server_closed_while_idle_is_not_used_again(
     upstream: Upstream, transport: UpstreamTransport, http: httpx.AsyncClient
 ) -> None:
-    """The pool asks each idle connection whether it is still open before using it; the
-    answer comes from the connection's state, and a wrong one fails the next request
-    ("Server disconnected without sending a response")."""
+    """A kept-alive connection the server closed is never used again: reusing it would
+    fail the next request ("Server disconnected")."""
     assert (await http.post(f"{upstream.url}/close")).content == b"ok"
     await upstream.closed_idle.wait()
-    await until(lambda: all(c.has_expired() for c in transport.connections), within=5)
+    await until(lambda: pooled_and_open(transport) == 0, within=5)
     assert (await http.post(f"{upstream.url}/ok")).content == b"ok"
     assert upstream.connections == 2
+
+
+async def test_the_url_goes_out_exactly_as_signed(
+    upstream: Upstream, http: httpx.AsyncClient
+) -> None:
+    """Signatures cover the query string as encoded: nothing may re-quote it."""
+    query = "?Signature=a%2Bb%2Fc%3D&Name=%7Etilde%20space&Empty=&Z=%25"
+    await http.post(f"{upstream.url}/ok{query}")
+    assert upstream.targets == [f"/ok{query}"]
+
+
+async def test_cookies_the_upstream_sets_are_never_sent_back(
+    upstream: Upstream, http: httpx.AsyncClient
+) -> None:
+    await http.post(f"{upstream.url}/cookie")
+    await http.post(f"{upstream.url}/ok")
+    assert "cookie" not in upstream.headers[1]
 
 
 async def test_concurrent_requests_each_get_a_connection_and_keep_it(
@@ -133,6 +172,9 @@ async def test_a_body_cut_short_is_a_protocol_error(
 ) -> None:
     with pytest.raises(httpx.RemoteProtocolError):
         await http.post(f"{upstream.url}/truncated")
+    # The connection it came on is not pooled: the next request gets a new one, whole.
+    assert (await http.post(f"{upstream.url}/ok")).content == b"ok"
+    assert upstream.connections == 2
 
 
 async def test_nobody_listening_is_a_connect_error(http: httpx.AsyncClient) -> None:
@@ -172,7 +214,6 @@ async def test_tls_is_verified_against_the_context_given(
         async with httpx.AsyncClient(transport=transport) as client:
             answer = await client.post(f"https://localhost:{port}/ok")
             assert answer.content == b"ok"
-            assert answer.extensions["network_stream"].get_extra_info("ssl_object") is not None
         # The default context (public CAs) refuses the test CA's certificate.
         async with httpx.AsyncClient(transport=UpstreamTransport(limits=httpx.Limits())) as client:
             with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):

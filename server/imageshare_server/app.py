@@ -68,7 +68,7 @@ from imageshare_server.redis_tier.link import RedisLink
 from imageshare_server.upstream.client import EcsClient, SignatureVersion
 from imageshare_server.upstream.endpoints import EndpointResolver
 from imageshare_server.upstream.retry import RetryBudget, RetryPolicy
-from imageshare_server.upstream.transport import UpstreamTransport
+from imageshare_server.upstream.transport import upstream_http_client
 from imageshare_server.watch.hub import WatchHub
 
 log = logging.getLogger("imageshare.server")
@@ -349,15 +349,9 @@ async def _start(
         vpc=settings.upstream_vpc,
         extra_regions=settings.extra_region_set,
     )
-    http = httpx.AsyncClient(
-        transport=UpstreamTransport(
-            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50)
-        ),
-        timeout=httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout),
-        follow_redirects=False,
-        # Proxy variables must not reroute signed requests behind the operator's back.
-        trust_env=False,
-        headers={"user-agent": f"imageshare/{__version__}"},
+    http = upstream_http_client(
+        httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout),
+        user_agent=f"imageshare/{__version__}",
     )
     stack.push_async_callback(http.aclose)
     # Nothing reads the _created samples; they were a quarter of all series.

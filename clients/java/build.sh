@@ -46,8 +46,11 @@ find "$out/gen/java" "$out/gen/java-debian" -name '*.java' | LC_ALL=C sort >"$ou
 echo "$root/clients/java/ImageShareCaller.java" >>"$out/sources"
 javac -nowarn -encoding UTF-8 -d "$out/classes" -cp "$classpath" "@$out/sources"
 
+# A short-lived command: the client compiler alone and the serial collector start it with a
+# quarter less CPU than the server-class defaults.
 cat >"$out/imageshare-caller" <<EOF
 #!/bin/sh
-exec java -cp "$out/classes:$classpath" ImageShareCaller "\$@"
+exec java -XX:TieredStopAtLevel=1 -XX:+UseSerialGC -XX:-UsePerfData \\
+    -cp "$out/classes:$classpath" ImageShareCaller "\$@"
 EOF
 chmod +x "$out/imageshare-caller"

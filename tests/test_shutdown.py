@@ -50,6 +50,9 @@ PUBLIC = "m-demo0000002"  # the demo data's public image
 ACCOUNTS = [str(700_000_000 + i) for i in range(500)]
 SERVING = HealthResponse.SERVING
 NOT_SERVING = HealthResponse.NOT_SERVING
+# A channel of its own connection: grpc shares connections between a process's channels
+# to the same target, and a call meant to open a new one could ride a draining one.
+NEW_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 # Upstream pages of 10 read one at a time: 50 sequential upstream calls per listing.
 SLOW_SERVER_ARGS = (
     "--cache-ttl",
@@ -148,7 +151,7 @@ async def _refused_once_draining(target: str) -> grpc.StatusCode:
     ``draining`` is logged just before the listener closes, so a probe or two may still get in.
     """
     for _ in range(200):
-        async with grpc.aio.insecure_channel(target) as channel:
+        async with grpc.aio.insecure_channel(target, options=NEW_CONNECTION) as channel:
             try:
                 response = await client_health.check(channel)(HealthRequest(), timeout=2)
             except grpc.aio.AioRpcError as exc:
@@ -158,7 +161,7 @@ async def _refused_once_draining(target: str) -> grpc.StatusCode:
 
 
 async def _new_call_code(target: str) -> grpc.StatusCode:
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with grpc.aio.insecure_channel(target, options=NEW_CONNECTION) as channel:
         try:
             await _drain(_listing(channel))
         except grpc.aio.AioRpcError as exc:

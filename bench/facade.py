@@ -5,7 +5,8 @@ injected latency per call), the server as a real process, the official
 Python SDK as the baseline. Prints a Markdown table with wall times, ratios
 to the baseline (a) and upstream call counts. Bounded: about a minute.
 
-    .venv/bin/python bench/facade.py [--latency-ms 50] [--accounts 2000] [--fleet 500]
+    .venv/bin/python bench/facade.py [--latency-ms 50] [--accounts 2000] [--cold-reads 7]
+        [--fleet 500]
 """
 
 from __future__ import annotations
@@ -210,6 +211,11 @@ def warm_rows(
     return rows
 
 
+def cold_images(count: int) -> list[str]:
+    """The 2,000-account images (b) reads cold after ``BIG``, one per read."""
+    return [f"{BIG}c{k}" for k in range(count)]
+
+
 def cold_row(
     stub: image_share_pb2_grpc.ImageShareServiceStub,
     admin: EmulatorAdmin,
@@ -226,10 +232,10 @@ def cold_row(
     assert list_ids(stub, BIG) == expected
     first = time.perf_counter() - started
     colds: list[float] = []
-    for k in range(args.cold_reads):
+    for image_id in cold_images(args.cold_reads):
         time.sleep(BURST_REFILL_SECONDS)
         started = time.perf_counter()
-        assert list_ids(stub, f"{BIG}c{k}") == expected
+        assert list_ids(stub, image_id) == expected
         colds.append(time.perf_counter() - started)
     cold = statistics.median(colds)
     per_read = upstream_calls(admin) // (args.cold_reads + 1)
@@ -264,17 +270,9 @@ def main() -> None:
     emulator = EmulatorProcess()
     admin = EmulatorAdmin(emulator.url)
     expected = [f"2{i:015d}" for i in range(args.accounts)]
-    admin.upsert_image(
-        {"region_id": REGION, "image_id": BIG, "accounts": [{"aliyun_id": i} for i in expected]}
-    )
-    for k in range(args.cold_reads):
-        admin.upsert_image(
-            {
-                "region_id": REGION,
-                "image_id": f"{BIG}c{k}",
-                "accounts": [{"aliyun_id": i} for i in expected],
-            }
-        )
+    accounts = [{"aliyun_id": i} for i in expected]
+    for image_id in (BIG, *cold_images(args.cold_reads)):
+        admin.upsert_image({"region_id": REGION, "image_id": image_id, "accounts": accounts})
     pages = -(-args.accounts // 100)
     servers: list[ServerProcess] = []
     try:

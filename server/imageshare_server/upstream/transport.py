@@ -86,8 +86,8 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
 
     def _open(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(
-            limit=self._limits.max_connections or 0,
-            keepalive_timeout=self._limits.keepalive_expiry or 15.0,
+            limit=self._limits.max_connections or 0,  # httpx's None and aiohttp's 0: no limit
+            keepalive_timeout=self._limits.keepalive_expiry,  # None, in both: no expiry
             ssl=self._ssl,
         )
         self._session = aiohttp.ClientSession(
@@ -153,10 +153,7 @@ def upstream_http_client(
     defaults to an ``UpstreamTransport`` with ``DEFAULT_LIMITS``.
     """
     return httpx.AsyncClient(
-        transport=transport
-        or UpstreamTransport(
-            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50)
-        ),
+        transport=transport or UpstreamTransport(limits=DEFAULT_LIMITS),
         timeout=timeout,
         follow_redirects=False,
         trust_env=False,

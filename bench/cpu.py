@@ -17,9 +17,12 @@ records the server (and the ``--compare`` one) under the same load with py-spy,
 one more block per listing, and prints the functions that took the most samples. ``--compare
 DIR`` runs the server of another source tree (a checkout of an earlier
 commit) as a third target in the same blocks: a before and after in one run.
+``--ladder`` adds floor_server.py's two rungs between the floor and the service
+(grpc.aio used as the service uses it; the service's per-call work written flat),
+so the table shows where the distance to the floor comes from.
 
     .venv/bin/python bench/cpu.py [--streams 2000] [--rounds 5] [--profile DIR]
-        [--compare DIR] [--server-arg=--cache-ttl --server-arg=300]
+        [--compare DIR] [--ladder] [--server-arg=--cache-ttl --server-arg=300]
 """
 
 from __future__ import annotations
@@ -55,8 +58,8 @@ REGION = "cn-hangzhou"
 LISTINGS = [("m-cpu00000050", 50), ("m-cpu00000120", 120)]
 
 
-class QuietServer(ServerProcess):
-    """The server, whose stderr is read line by line only up to its ready line; after it,
+class QuietReading(Process):
+    """A process whose stderr is read line by line only up to its ready line; after it,
     in large chunks, keeping the last RPC log line: the parent must not spend a core
     parsing thousands of lines a second next to the processes it measures."""
 
@@ -84,6 +87,14 @@ class QuietServer(ServerProcess):
                     self.last_rpc_line = raw.decode()
                     break
         self._events.put(None)
+
+
+class QuietServer(QuietReading, ServerProcess):
+    """The server, read as ``QuietReading`` says."""
+
+
+# The rungs between the floor and the service (``--ladder``): floor_server.py's variants.
+RUNGS = {"grpc_like": "--grpc-like-service", "minimal": "--minimal-handler"}
 
 
 def cpu_split(pin: bool) -> tuple[set[int], set[int]] | None:
@@ -236,6 +247,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--top", type=int, default=25, help="functions shown per profile")
     parser.add_argument("--raw", action="store_true", help="also print every block's figures")
     parser.add_argument(
+        "--ladder",
+        action="store_true",
+        help="also measure floor_server.py's two rungs between the floor and the service",
+    )
+    parser.add_argument(
         "--compare",
         type=Path,
         help="also measure the server of another source tree (its server/ directory) next to "
@@ -270,14 +286,18 @@ def measure(
             path = Path(tmp) / f"{image_id}.bin"
             with grpc.insecure_channel(server.target) as channel:
                 write_messages(path, capture(channel, request))
-            floor = Process(
-                [sys.executable, str(HERE / "floor_server.py"), str(path)], base_env(), "serving"
-            )
+            floors: dict[str, QuietReading] = {}
             try:
+                for name, flag in {"floor": "", **(RUNGS if args.ladder else {})}.items():
+                    argv = [sys.executable, str(HERE / "floor_server.py"), str(path), flag]
+                    floors[name] = QuietReading(list(filter(None, argv)), base_env(), "serving")
                 if split:
-                    for pid in (*(s.proc.pid for s in servers.values()), floor.proc.pid):
-                        pin_process(pid, split[0])
-                targets = {"floor": (f"127.0.0.1:{floor.ready['grpc_port']}", floor.proc.pid)}
+                    for process in (*servers.values(), *floors.values()):
+                        pin_process(process.proc.pid, split[0])
+                targets = {
+                    name: (f"127.0.0.1:{floor.ready['grpc_port']}", floor.proc.pid)
+                    for name, floor in floors.items()
+                }
                 targets.update({name: (s.target, s.proc.pid) for name, s in servers.items()})
                 caller_cpus = split[1] if split else None
                 blocks = run_caller(image_id, count, targets, args, caller_cpus, rounds=args.rounds)
@@ -291,7 +311,8 @@ def measure(
                         out = args.profile / f"{name}-{len(messages)}msg.txt"
                         profile(each, (image_id, count), args, caller_cpus, out)
             finally:
-                floor.stop()
+                for process in floors.values():
+                    process.stop()
     where = (
         f"servers on CPU {min(split[0])}, caller on CPU {','.join(map(str, sorted(split[1])))}"
         if split
@@ -315,6 +336,8 @@ def report(args: argparse.Namespace, results: list[Result], where: str, sample_l
     print("|---|---|---|---|---|---|")
     names = {
         "floor": "bare grpc.aio (floor)",
+        "grpc_like": "grpc.aio as the service uses it (floor_server.py --grpc-like-service)",
+        "minimal": "the service's per-call work, flat (floor_server.py --minimal-handler)",
         "facade": "imageshare-server",
         "baseline": f"imageshare-server from {args.compare}",
     }

@@ -1,32 +1,58 @@
-"""The floor for (c): a bare grpc.aio server streaming prebuilt messages, nothing else.
+"""Floors for the warm benchmarks: grpc.aio streaming prebuilt messages, and two rungs above.
 
-No interceptor, no logging, no cache lookup, no validation: it answers every
-``ListImageShares`` call with the serialized messages in ``MESSAGES_FILE``
-(each a 4-byte big-endian length, then the bytes), which ``facade.py``
-captured from the real server for the same listing. The warm latency of the
-façade is reported as a ratio to this server's, measured by the same caller
-in the same run, so what the table shows as ours is what remains beyond
-grpcio's own cost of streaming that many messages.
+Every variant answers ``ListImageShares`` with the serialized messages in
+``MESSAGES_FILE`` (each a 4-byte big-endian length, then the bytes), which the
+bench captured from the real server for the same listing, so the same caller
+can measure the server against what grpcio itself costs.
 
-    python bench/floor_server.py MESSAGES_FILE
+- Bare (the floor): no interceptor, no logging, no cache lookup, no validation;
+  an async generator yields the bytes.
+- ``--grpc-like-service``: what the service asks of grpc.aio and nothing of its own
+  work: the request parsed, the messages written with ``context.write``, two
+  trailing-metadata keys, one (pass-through) interceptor, the server's channel options.
+- ``--minimal-handler``: the above, with the least Python work each call of the
+  service must do, written flat in one coroutine (no layers): validate the request,
+  find the list in a ``ShareCache`` and count the hit, add this call's cache status
+  and age to each message, set the cache trailers, queue the five gRPC metric
+  updates, and log the JSON RPC line through the server's own logging. No error
+  handling, no stall watch, no concurrency limit: a floor for the service's
+  design, not a server.
+
+    python bench/floor_server.py MESSAGES_FILE [--grpc-like-service | --minimal-handler]
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import logging
 import struct
 import sys
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
+from prometheus_client import CollectorRegistry
 
 from imageshare.v1 import image_share_pb2
+from imageshare_server.app import server_options
+from imageshare_server.cache import CachePolicy, ShareCache
+from imageshare_server.config import Settings
+from imageshare_server.core.clock import SYSTEM_CLOCK
+from imageshare_server.core.types import CacheStatus, ShareList
+from imageshare_server.grpcapi.messages import hit_suffix
 from imageshare_server.grpcapi.service import SERVICE_NAME
+from imageshare_server.grpcapi.validation import validate
+from imageshare_server.observability.grpc_metrics import GrpcMetricsInterceptor, _Method
+from imageshare_server.observability.logging import RpcFields, configure_logging, log_fields
+from imageshare_server.observability.metrics import ServiceMetrics
 
 METHOD = "ListImageShares"
+Request = image_share_pb2.ListImageSharesRequest
+Handler = Callable[[Any, Any], Any]
 
 
 def read_messages(path: Path) -> list[bytes]:
@@ -44,32 +70,141 @@ def write_messages(path: Path, messages: list[bytes]) -> None:
     path.write_bytes(b"".join(struct.pack(">I", len(m)) + m for m in messages))
 
 
-def capture(channel: grpc.Channel, request: image_share_pb2.ListImageSharesRequest) -> list[bytes]:
+def capture(channel: grpc.Channel, request: Request) -> list[bytes]:
     """The serialized messages a server sends for ``request``, exactly as sent."""
-    raw: grpc.UnaryStreamMultiCallable[image_share_pb2.ListImageSharesRequest, bytes] = (
-        channel.unary_stream(
-            f"/{SERVICE_NAME}/{METHOD}",
-            request_serializer=image_share_pb2.ListImageSharesRequest.SerializeToString,
-        )
+    raw: grpc.UnaryStreamMultiCallable[Request, bytes] = channel.unary_stream(
+        f"/{SERVICE_NAME}/{METHOD}", request_serializer=Request.SerializeToString
     )
     return list(raw(request, timeout=30))
 
 
-async def serve(messages: list[bytes]) -> None:
+class PassThrough(grpc.aio.ServerInterceptor):
+    """An interceptor that does nothing: the cost of grpc.aio's interceptor path alone."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        return await continuation(handler_call_details)
+
+
+TRAILERS = (("x-imageshare-cache", "hit"), ("x-imageshare-cache-age-ms", "0"))
+
+
+def bare(messages: list[bytes]) -> Handler:
     async def list_image_shares(request: bytes, context: Any) -> AsyncIterator[bytes]:
         for message in messages:
             yield message
 
-    handler = grpc.method_handlers_generic_handler(
-        SERVICE_NAME, {METHOD: grpc.unary_stream_rpc_method_handler(list_image_shares)}
+    return list_image_shares
+
+
+def grpc_like_service(messages: list[bytes]) -> Handler:
+    async def list_image_shares(request: Request, context: Any) -> None:
+        context.set_trailing_metadata(TRAILERS)
+        for message in messages:
+            await context.write(message)
+
+    return list_image_shares
+
+
+def minimal_handler(messages: list[bytes]) -> Handler:
+    """One flat coroutine doing what every call of the service must (see the module doc).
+
+    The messages stand for the cache entry's prebuilt ones; the suffix this call adds
+    to each overrides the status and age they were captured with.
+    """
+    configure_logging("info")
+    logger = logging.getLogger("imageshare.rpc")
+    cache = ShareCache(CachePolicy(ttl=3600.0))
+    hits = ServiceMetrics(None).cache_results["hit"]
+    # The interceptor's metric children and update queue, used without its wrapper.
+    metrics = GrpcMetricsInterceptor(CollectorRegistry(), log_rpcs=False)
+    method = _Method(metrics, ("server_stream", SERVICE_NAME, METHOD))
+    updates = metrics.updates
+
+    def built() -> list[bytes]:
+        return messages
+
+    async def list_image_shares(request: Request, context: Any) -> None:
+        start = time.perf_counter()
+        updates.add(method.started)
+        updates.add(method.received)
+        fields = RpcFields()
+        query = validate(request)
+        fields.update(region=query.key.region_id, image=query.key.image_id)
+        entry = cache.fresh(query.key)
+        if entry is None:  # the first call: a list read just now
+            now = SYSTEM_CLOCK.time(), SYSTEM_CLOCK.monotonic()
+            entry = cache.put(ShareList(query.key, (), (), (), *now))
+            assert entry is not None
+        hits.inc()
+        assert entry.shares is not None
+        age_ms = max(0, int((SYSTEM_CLOCK.time() - entry.shares.read_time) * 1000))
+        fields["cache"] = "hit"
+        fields["cache_age_ms"] = age_ms
+        context.set_trailing_metadata(
+            (("x-imageshare-cache", "hit"), ("x-imageshare-cache-age-ms", str(age_ms)))
+        )
+        suffix = hit_suffix(CacheStatus.HIT, entry.stored, SYSTEM_CLOCK)
+        prebuilt = cache.messages(entry, query.page_size, built)
+        for data in prebuilt:
+            await context.write(data + suffix)
+            updates.add(method.sent)
+        fields["messages"] = len(prebuilt)
+        fields["upstream_request_ids"] = []
+        duration = time.perf_counter() - start
+        updates.add(method.handled_child("OK"))
+        updates.add((method.seconds, duration, None))
+        line = {
+            "event": "rpc",
+            "method": method.full_name,
+            "grpc_type": method.grpc_type,
+            "code": "OK",
+            "duration_ms": round(duration * 1000, 3),
+            "peer": context.peer(),
+            "msg_received": 1,
+            "msg_sent": len(prebuilt),
+        }
+        log_fields(logger, logging.INFO, "rpc", line, fields)
+
+    return list_image_shares
+
+
+async def serve(messages: list[bytes], variant: str) -> None:
+    handler: grpc.RpcMethodHandler[Any, Any]
+    if variant == "bare":
+        handler = grpc.unary_stream_rpc_method_handler(bare(messages))
+        server = grpc.aio.server()
+    else:
+        make = grpc_like_service if variant == "grpc-like-service" else minimal_handler
+        handler = grpc.unary_stream_rpc_method_handler(
+            make(messages), request_deserializer=Request.FromString
+        )
+        server = grpc.aio.server(interceptors=[PassThrough()], options=server_options(Settings()))
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE_NAME, {METHOD: handler}),)
     )
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     print(json.dumps({"event": "serving", "grpc_port": port}), file=sys.stderr, flush=True)
     await server.wait_for_termination()
 
 
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("messages_file", type=Path)
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--grpc-like-service", dest="variant", action="store_const", const="grpc-like-service"
+    )
+    group.add_argument(
+        "--minimal-handler", dest="variant", action="store_const", const="minimal-handler"
+    )
+    args = parser.parse_args()
+    asyncio.run(serve(read_messages(args.messages_file), args.variant or "bare"))
+
+
 if __name__ == "__main__":
-    asyncio.run(serve(read_messages(Path(sys.argv[1]))))
+    main()

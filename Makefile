@@ -6,8 +6,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 LISTEN ?= 127.0.0.1:50051
 METRICS_LISTEN ?= 127.0.0.1:9464
-# pytest-xdist workers for make pytest: auto is one per CPU; a file stays on one worker.
-WORKERS ?= auto
+# pytest-xdist workers for make pytest: two per CPU, since the tests spend much of their
+# time waiting on subprocesses, sockets and podman; a file stays on one worker.
+WORKERS ?= $(shell $(PYTHON) -c 'import os; print(2 * len(os.sched_getaffinity(0)))')
 PACKAGES := pyproject.toml clients/python/pyproject.toml emulator/pyproject.toml
 
 .PHONY: run test bootstrap check lint format typecheck proto proto-check pytest emulator lock \
@@ -62,7 +63,7 @@ proto-check: $(STAMP)
 	diff -r $$tmp/imageshare clients/python/imageshare -x __pycache__ && echo "generated code matches protos/" ; \
 	rc=$$?; rm -rf $$tmp; exit $$rc
 
-## pytest: the test suite on every CPU (WORKERS=0: in this one process), with branch
+## pytest: the test suite on two workers per CPU (WORKERS=0: in this one process), with branch
 ## coverage of server, client and emulator, their subprocesses included (gate: 90%)
 pytest: $(STAMP)
 	rm -rf .coverage-data && mkdir -p .coverage-data

@@ -93,7 +93,7 @@ async def upstream() -> AsyncIterator[Upstream]:
 @pytest.fixture
 def transport() -> UpstreamTransport:
     # Kept-alive connections expire after a minute: only the server's close ends them here.
-    return UpstreamTransport(limits=httpx.Limits(max_keepalive_connections=10, keepalive_expiry=60))
+    return UpstreamTransport(limits=httpx.Limits(keepalive_expiry=60))
 
 
 def pooled_and_open(transport: UpstreamTransport) -> int:

@@ -25,7 +25,10 @@ import aiohttp
 import httpx
 import yarl
 
-DEFAULT_LIMITS = httpx.Limits(max_connections=200, max_keepalive_connections=50)
+# What UpstreamTransport takes from httpx.Limits: max_connections and keepalive_expiry.
+# aiohttp's pool has no cap of its own on idle connections (max_keepalive_connections):
+# idle connections count against max_connections and close after keepalive_expiry.
+DEFAULT_LIMITS = httpx.Limits(max_connections=200)
 
 # aiohttp's errors as httpx's, most specific first (what httpx's own transport raises).
 _ERRORS: tuple[tuple[type[BaseException], type[httpx.TransportError]], ...] = (
@@ -75,7 +78,8 @@ class _ResponseStream(httpx.AsyncByteStream):
 class UpstreamTransport(httpx.AsyncBaseTransport):
     """httpx's transport for the upstream, on one aiohttp session (HTTP/1.1, pooled).
 
-    The session is made on first use, on the running event loop.
+    The session is made on first use, on the running event loop. Of ``limits`` it
+    honours ``max_connections`` and ``keepalive_expiry`` (see ``DEFAULT_LIMITS``).
     """
 
     def __init__(self, *, limits: httpx.Limits, ssl_context: ssl.SSLContext | None = None) -> None:

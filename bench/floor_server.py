@@ -13,8 +13,8 @@ can measure the server against what grpcio itself costs.
 - ``--minimal-handler``: the above, with the least Python work each call of the
   service must do, written flat in one coroutine (no layers): validate the request,
   find the list in a ``ShareCache`` and count the hit, add this call's cache status
-  and age to each message, set the cache trailers, queue the five gRPC metric
-  updates, and log the JSON RPC line through the server's own logging. No error
+  and age to each message, set the cache trailers, and account for the call as the
+  interceptor does (its metric updates and JSON RPC line), without its wrapper. No error
   handling, no stall watch, no concurrency limit: a floor for the service's
   design, not a server.
 
@@ -26,10 +26,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import struct
 import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -46,8 +44,8 @@ from imageshare_server.core.types import CacheStatus, ShareList
 from imageshare_server.grpcapi.messages import hit_suffix
 from imageshare_server.grpcapi.service import SERVICE_NAME
 from imageshare_server.grpcapi.validation import validate
-from imageshare_server.observability.grpc_metrics import GrpcMetricsInterceptor, _Method
-from imageshare_server.observability.logging import RpcFields, configure_logging, log_fields
+from imageshare_server.observability.grpc_metrics import GrpcMetricsInterceptor, _Call, _Method
+from imageshare_server.observability.logging import configure_logging
 from imageshare_server.observability.metrics import ServiceMetrics
 
 METHOD = "ListImageShares"
@@ -112,26 +110,24 @@ def grpc_like_service(messages: list[bytes]) -> Handler:
 def minimal_handler(messages: list[bytes]) -> Handler:
     """One flat coroutine doing what every call of the service must (see the module doc).
 
-    The messages stand for the cache entry's prebuilt ones; the suffix this call adds
-    to each overrides the status and age they were captured with.
+    The accounting is the interceptor's own (its per-call ``_Call``: the metric updates
+    and the RPC line, exactly as the server writes them) without its wrapper around the
+    handler. The messages stand for the cache entry's prebuilt ones; the suffix this
+    call adds to each overrides the status and age they were captured with.
     """
     configure_logging("info")
-    logger = logging.getLogger("imageshare.rpc")
     cache = ShareCache(CachePolicy(ttl=3600.0))
     hits = ServiceMetrics(None).cache_results["hit"]
-    # The interceptor's metric children and update queue, used without its wrapper.
-    metrics = GrpcMetricsInterceptor(CollectorRegistry(), log_rpcs=False)
+    metrics = GrpcMetricsInterceptor(CollectorRegistry())
     method = _Method(metrics, ("server_stream", SERVICE_NAME, METHOD))
-    updates = metrics.updates
 
     def built() -> list[bytes]:
         return messages
 
     async def list_image_shares(request: Request, context: Any) -> None:
-        start = time.perf_counter()
-        updates.add(method.started)
-        updates.add(method.received)
-        fields = RpcFields()
+        call = _Call(metrics, method)
+        call.message_received()
+        fields = call.fields
         query = validate(request)
         fields.update(region=query.key.region_id, image=query.key.image_id)
         entry = cache.fresh(query.key)
@@ -151,23 +147,10 @@ def minimal_handler(messages: list[bytes]) -> Handler:
         prebuilt = cache.messages(entry, query.page_size, built)
         for data in prebuilt:
             await context.write(data + suffix)
-            updates.add(method.sent)
+            call.message_sent()
         fields["messages"] = len(prebuilt)
         fields["upstream_request_ids"] = []
-        duration = time.perf_counter() - start
-        updates.add(method.handled_child("OK"))
-        updates.add((method.seconds, duration, None))
-        line = {
-            "event": "rpc",
-            "method": method.full_name,
-            "grpc_type": method.grpc_type,
-            "code": "OK",
-            "duration_ms": round(duration * 1000, 3),
-            "peer": context.peer(),
-            "msg_received": 1,
-            "msg_sent": len(prebuilt),
-        }
-        log_fields(logger, logging.INFO, "rpc", line, fields)
+        call.finish(context, None)
 
     return list_image_shares
 
